@@ -1,0 +1,5 @@
+import sys
+
+from resnetlab.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,245 @@
+"""The ``resnetlab`` command: a thin Typer layer that maps arguments onto the typed config and calls the library.
+
+Exit codes: 0 on success, 1 when some inputs of a batch job failed (``predict``), 2 on bad usage or bad input, with
+one line on stderr naming the file, field or value at fault.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+
+from resnetlab.errors import ResnetlabError
+
+app = typer.Typer(
+    name="resnetlab",
+    help="From labelled images to a trained, tuned, honestly evaluated and deployable ResNet classifier.",
+    no_args_is_help=False,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+data_app = typer.Typer(help="Dataset tools: generate the synthetic set.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+RUN, DATA, MODEL, TRAINING, OUTPUT = "Run", "Data", "Model", "Training", "Output"
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.callback(invoke_without_command=True)
+def _root(ctx: typer.Context) -> None:
+    """With no command, `resnetlab` runs `resnetlab train` (the offline demo)."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(train, ctx)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def train(
+    ctx: typer.Context,
+    overrides: Annotated[Optional[list[str]], typer.Argument(metavar="[KEY=VALUE]...", help="Config overrides with dotted keys, e.g. optim.lr=0.01 data.classes=[2,3,14,17]", show_default=False)] = None,
+    recipe: Annotated[Optional[str], typer.Option("--recipe", "-r", help="Shipped recipe name or a YAML file (default: demo)", rich_help_panel=RUN)] = None,
+    data: Annotated[Optional[str], typer.Option("--data", "-d", help="Dataset: synthetic-signs, gtsrb:PATH, folder:PATH", rich_help_panel=DATA)] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Training batch size", rich_help_panel=DATA)] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model name (see `resnetlab models`)", rich_help_panel=MODEL)] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", "-e", help="Number of epochs", rich_help_panel=TRAINING)] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed", rich_help_panel=TRAINING)] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda", rich_help_panel=TRAINING)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default runs/<recipe>-<time>)", rich_help_panel=OUTPUT)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out", rich_help_panel=OUTPUT)] = False,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this directory from its last checkpoint", rich_help_panel=RUN)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or log on the console", rich_help_panel=OUTPUT)] = False,
+) -> None:
+    """Train a model, evaluate it on the test split and write the report (defaults: the offline demo)."""
+    from resnetlab.config import build_config, load_yaml
+    from resnetlab.jobs.train import default_run_dir, train_job
+    from resnetlab.recipes import load_recipe
+
+    if resume is not None:
+        if recipe is not None:
+            _fail("--resume continues a run with its own config; do not combine it with --recipe")
+        base = load_yaml(resume / "config.yaml") if (resume / "config.yaml").is_file() else None
+        if base is None:
+            _fail(f"--resume '{resume}': no config.yaml there; is it a resnetlab run directory?")
+        out = resume
+    else:
+        base = load_recipe(recipe or "demo")
+    flags = {"data.spec": data, "data.batch_size": batch_size, "model.name": model, "train.epochs": epochs,
+             "train.seed": seed, "train.device": device, "logging.quiet": True if quiet else None}
+    cfg = build_config(base, flags, list(overrides or []) + list(ctx.args))
+    run_dir = out or default_run_dir(cfg.recipe)
+    train_job(cfg, run_dir, overwrite=overwrite, resume=resume is not None)
+    typer.echo(str(run_dir))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# evaluate / predict / report
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint (.pt) or a run directory")],
+    data: Annotated[Optional[str], typer.Option("--data", "-d", help="Dataset spec (default: the one the model was trained on)", rich_help_panel=DATA)] = None,
+    split: Annotated[str, typer.Option("--split", help="test, val (the run's own held-out split) or all", rich_help_panel=DATA)] = "test",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: <run>/evaluations/<split>-<time>)", rich_help_panel=OUTPUT)] = None,
+    tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation: average with the mirror image where the augmentation preset flips", rich_help_panel=MODEL)] = False,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", rich_help_panel=DATA)] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda", rich_help_panel=MODEL)] = "auto",
+) -> None:
+    """Evaluate a checkpoint: metrics.json, per-class, confusion, predictions, calibration, and a report."""
+    from datetime import datetime
+
+    from resnetlab.jobs.evaluate import evaluate_job
+    from resnetlab.reporting.report import render_report
+
+    if split not in ("test", "val", "all"):
+        _fail(f"--split '{split}': choose test, val or all")
+    if out is None:
+        run_dir = checkpoint if checkpoint.is_dir() else checkpoint.resolve().parent.parent
+        out = run_dir / "evaluations" / f"{split}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    evaluate_job(checkpoint, data, split, out, tta=tta, device=device, batch_size=batch_size,
+                 log=lambda m: typer.echo(m, err=True))
+    render_report(out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    typer.echo(f"top1 {metrics['top1']:.4f}  top5 {metrics['top5']:.4f}  balanced_accuracy "
+               f"{metrics['balanced_accuracy']:.4f}  samples {metrics['num_samples']}  -> {out}")
+
+
+@app.command()
+def predict(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint (.pt) or a run directory")],
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns")],
+    topk: Annotated[int, typer.Option("--topk", "-k", help="Classes to show per image")] = 5,
+    output_format: Annotated[str, typer.Option("--format", "-f", help="table, csv or json")] = "table",
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 64,
+    tta: Annotated[bool, typer.Option("--tta", help="Average with the mirror image (only for models trained with flips)")] = False,
+) -> None:
+    """Predict the classes of images, with confidences. Exit code 1 if any file could not be read."""
+    from resnetlab.deployment.predictor import Predictor, expand_inputs
+    from resnetlab.cli.render import print_predictions
+
+    if output_format not in ("table", "csv", "json"):
+        _fail(f"--format '{output_format}': choose table, csv or json")
+    if topk < 1:
+        _fail("--topk must be at least 1")
+    paths = expand_inputs(inputs)
+    if not paths:
+        _fail(f"no image files found in {' '.join(inputs)}")
+    predictor = Predictor(checkpoint)
+    results = predictor.predict_paths(paths, topk=topk, batch_size=batch_size, tta_flip=tta)
+    print_predictions(results, output_format)
+    failed = [r for r in results if r.error]
+    for r in failed:
+        typer.echo(f"error: {r.error}", err=True)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A run directory (or an evaluation folder)")]) -> None:
+    """Re-render report.md, report.html and the plots from a run's data files alone."""
+    from resnetlab.reporting.report import render_report
+
+    if not run_dir.is_dir():
+        _fail(f"'{run_dir}' is not a folder; pass a run directory")
+    md, html = render_report(run_dir)
+    typer.echo(f"{md}\n{html}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# registries
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def models(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False) -> None:
+    """List the registered models: parameters, GMACs and default input size."""
+    from resnetlab.cli.render import print_table
+    from resnetlab.models import describe_models
+
+    rows = describe_models()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    print_table("models", ["name", "family", "params", "GMACs", "input"],
+                [[r["name"], r["family"], f"{r['params']:,}", f"{r['gmacs']:.3f}", "x".join(map(str, r["input_size"]))]
+                 for r in rows])
+
+
+@app.command()
+def recipes(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False) -> None:
+    """List the shipped recipes."""
+    from resnetlab.cli.render import print_table
+    from resnetlab.recipes import describe_recipes
+
+    rows = describe_recipes()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    print_table("recipes", ["name", "data", "model", "epochs", "description"],
+                [[r["name"], r["data"], r["model"], r["epochs"], r["description"]] for r in rows])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write (GTSRB Kaggle layout)")],
+    per_class: Annotated[int, typer.Option("--per-class", help="Training images per class")] = 300,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    workers: Annotated[int, typer.Option("--workers", help="Processes to draw with")] = 1,
+) -> None:
+    """Generate the synthetic traffic-sign set (deterministic for a seed)."""
+    from resnetlab.data.synthetic import generate_synthetic_signs
+
+    if per_class < 1:
+        _fail("--per-class must be at least 1")
+    path = generate_synthetic_signs(out, per_class=per_class, seed=seed, workers=workers)
+    typer.echo(str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# entry point
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        # Without standalone mode click returns the code of a typer.Exit instead of exiting.
+        code = app(args=argv, standalone_mode=False)
+    except ResnetlabError as err:
+        typer.echo(f"error: {err}", err=True)
+        return 2
+    except click.exceptions.Exit as exit_:
+        return exit_.exit_code
+    except click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        return 130
+    except click.ClickException as err:
+        err.show()
+        return 2
+    except KeyboardInterrupt:
+        typer.echo("interrupted; a run can be continued with `resnetlab train --resume RUN_DIR`", err=True)
+        return 130
+    return code if isinstance(code, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""The typed run configuration and how it is resolved.
+
+A run is described by one :class:`RunConfig`. It is resolved in three layers, each overriding the one before
+(as in timm's ``--config`` plus flags, and nanoGPT's configurator):
+
+1. a recipe (a YAML file shipped in ``resnetlab/recipes`` or a path given by the user),
+2. the CLI's named flags (``--epochs``, ``--model`` ...), which are shorthands for dotted keys,
+3. ``KEY=VALUE`` overrides with dotted keys (``optim.lr=0.01``); values are parsed as YAML, so
+   ``data.classes=[2,3,14,17]`` and ``train.ema=true`` work.
+
+Every section forbids unknown keys and pydantic checks types, so a misspelt or mistyped key is an error that
+names the key instead of a silent no-op.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from resnetlab.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    spec: str = Field("synthetic-signs", description="Dataset: synthetic-signs, gtsrb:PATH, folder:PATH, ...")
+    input_size: int = Field(32, ge=8, description="Side of the square model input in pixels")
+    resize: Literal["squash", "shorter_crop"] = Field(
+        "squash",
+        description="How an image reaches input_size at evaluation: 'squash' resizes to a square (GTSRB, ROI crops); "
+        "'shorter_crop' resizes the shorter side to input_size/crop_pct then centre-crops (photos)",
+    )
+    crop_pct: float = Field(0.875, gt=0, le=1)
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
+    roi_crop: bool = Field(True, description="Crop to the ROI box where the dataset has one (GTSRB)")
+    classes: list[int | str] | None = Field(None, description="Keep only these class ids or names, relabelled 0..k-1")
+    split: Literal["auto", "stratified", "grouped"] = Field(
+        "auto", description="How validation (and, when the dataset has none, test) is held out; auto = grouped where groups exist"
+    )
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    test_fraction: float = Field(0.15, ge=0, lt=1, description="Used only when the dataset has no test split")
+    split_seed: int = 0
+    normalize: Literal["dataset", "imagenet", "none"] = Field(
+        "dataset", description="Mean/std from the training split ('dataset') or ImageNet's (pretrained models)"
+    )
+    batch_size: int = Field(128, ge=1)
+    eval_batch_size: int = Field(256, ge=1)
+    in_memory: Literal["auto", "always", "never"] = Field(
+        "auto", description="Decode the dataset once into a uint8 tensor (auto: when input_size <= 64)"
+    )
+    num_workers: int | None = Field(None, ge=0, description="DataLoader workers for large images (None: auto)")
+    sampler: Literal["random", "weighted"] = "random"
+    on_bad_image: Literal["error", "skip"] = "error"
+    synthetic_per_class: int = Field(300, ge=4)
+    synthetic_seed: int = 0
+    download: bool = False
+
+
+class ModelConfig(_Section):
+    name: str = "resnet20"
+    pretrained: bool = False
+    pretrained_path: str | None = None
+    drop_rate: float | None = Field(None, ge=0, lt=1, description="Dropout before the final linear layer (None: the model's default)")
+    zero_init_residual: bool = False
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra model constructor arguments")
+
+
+class AugmentConfig(_Section):
+    preset: str = Field("signs", description="none, cifar, signs, imagenet, objects")
+    randaugment: bool = False
+    trivialaugment: bool = False
+    mixup_alpha: float = Field(0.0, ge=0)
+    cutmix_alpha: float = Field(0.0, ge=0)
+    mirror_swap: bool = Field(False, description="Flip mirror-image classes and swap their labels (GTSRB 33/34 ...)")
+    random_erasing: float = Field(0.0, ge=0, le=1)
+
+
+class OptimConfig(_Section):
+    name: Literal["sgd", "adam", "adamw", "rmsprop"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0)
+    no_decay_norm_bias: bool = True
+    betas: tuple[float, float] = (0.9, 0.999)
+    wrapper: Literal["none", "sam", "gnp"] = Field("none", description="SAM or gradient-norm penalty around the optimizer")
+    sam_rho: float = Field(0.05, gt=0)
+    gnp_alpha: float = Field(0.8, ge=0, le=1, description="Gradient-norm penalty: weight of the perturbed gradient")
+    gnp_r: float = Field(0.01, gt=0, description="Gradient-norm penalty: finite-difference step")
+
+
+class ScheduleConfig(_Section):
+    name: Literal["constant", "step", "multistep", "cosine", "onecycle", "plateau"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    warmup_start_factor: float = Field(0.1, gt=0, le=1)
+    min_lr: float = Field(0.0, ge=0)
+    step_size: int = Field(30, ge=1)
+    milestones: list[int] = Field(default_factory=lambda: [30, 60, 90])
+    gamma: float = Field(0.1, gt=0)
+    max_lr: float | None = Field(None, description="one-cycle peak (default: optim.lr)")
+    plateau_factor: float = Field(0.5, gt=0, lt=1)
+    plateau_patience: int = Field(3, ge=0)
+
+
+class LossConfig(_Section):
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    class_weights: Literal["none", "balanced"] = "none"
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(30, ge=1)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 autocast where the CPU/GPU supports it, else fp32 (fp16 only on CUDA)"
+    )
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    compile: bool = False
+    deterministic: bool = False
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: all cores)")
+    grad_clip_norm: float | None = Field(None, gt=0)
+    grad_clip_value: float | None = Field(None, gt=0)
+    ema: bool = False
+    ema_decay: float = Field(0.999, gt=0, lt=1)
+    monitor: Literal["val_top1", "val_loss"] = "val_top1"
+    early_stopping_patience: int | None = Field(None, ge=1)
+    early_stopping_min_delta: float = Field(0.0, ge=0)
+    time_budget: float | None = Field(None, gt=0, description="Minutes of training, then stop cleanly")
+    save_every: int | None = Field(None, ge=1, description="Also keep checkpoints/epoch_N.pt every N epochs")
+    keep_top_k: int = Field(1, ge=1)
+    sync_bn: bool = False
+
+
+class EvalConfig(_Section):
+    split: Literal["test", "val"] = "test"
+    tta: bool = False
+    topk: int = Field(5, ge=1)
+    gradcam: bool = True
+
+
+class LoggingConfig(_Section):
+    quiet: bool = False
+    tensorboard: bool = False
+
+
+class RunConfig(_Section):
+    recipe: str = "custom"
+    description: str = ""
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resolution: recipe < flags < KEY=VALUE
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``'optim.lr=0.01'`` -> ``('optim.lr', 0.01)``; the value is read as YAML (numbers, lists, booleans)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override '{text}' is not KEY=VALUE; write it like optim.lr=0.01")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``tree['a']['b'] = value`` for ``key='a.b'``, checking that every part of the key exists."""
+    parts = key.split(".")
+    node: Any = tree
+    known: Any = RunConfig
+    for depth, part in enumerate(parts):
+        fields = getattr(known, "model_fields", None)
+        if fields is None or part not in fields:
+            where = ".".join(parts[:depth]) or "the top level"
+            choices = ", ".join(sorted(fields)) if fields else "none (it is a value, not a section)"
+            raise ConfigError(f"unknown config key '{key}': '{part}' is not a key of {where} (known: {choices})")
+        annotation = fields[part].annotation
+        if depth == len(parts) - 1:
+            node[part] = value
+        else:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key '{'.'.join(parts[: depth + 1])}' is a value, not a section")
+            known = annotation
+
+
+def build_config(base: dict[str, Any] | None = None, flags: dict[str, Any] | None = None,
+                 overrides: list[str] | None = None) -> RunConfig:
+    """Merge a recipe tree, named-flag values (dotted keys; ``None`` means 'not given') and ``KEY=VALUE`` texts."""
+    tree = copy.deepcopy(base or {})
+    _check_known_keys(tree)
+    for key, value in (flags or {}).items():
+        if value is not None:
+            set_dotted(tree, key, value)
+    for text in overrides or []:
+        set_dotted(tree, *parse_override(text))
+    return validate_config(tree)
+
+
+def validate_config(tree: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        value = first.get("input")
+        raise ConfigError(f"{source}: bad value for '{key}' ({value!r}): {first['msg']}") from None
+
+
+def _check_known_keys(tree: dict[str, Any], model: type[BaseModel] = RunConfig, prefix: str = "") -> None:
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if key not in model.model_fields:
+            raise ConfigError(f"unknown config key '{dotted}' (known: {', '.join(sorted(model.model_fields))})")
+        sub = model.model_fields[key].annotation
+        if isinstance(value, dict) and isinstance(sub, type) and issubclass(sub, BaseModel):
+            _check_known_keys(value, sub, dotted + ".")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file '{path}' does not exist") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections (data:, model:, ...)")
+    return tree

@@ -1,0 +1,62 @@
+"""``--data SPEC`` -> a :class:`DatasetSource`, with the class subset applied."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from resnetlab.config import DataConfig
+from resnetlab.data.formats import dataset_formats, get_reader
+from resnetlab.data.records import DatasetSource
+from resnetlab.errors import DataError
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    prefix, sep, argument = spec.partition(":")
+    if not sep:
+        return spec, ""
+    if not argument:
+        raise DataError(f"--data '{spec}' has no path after '{prefix}:'; write it like {prefix}:/path/to/data")
+    return prefix, argument
+
+
+def open_dataset(cfg: DataConfig) -> DatasetSource:
+    prefix, argument = parse_spec(cfg.spec)
+    reader = get_reader(prefix)
+    if reader is None:
+        known = "; ".join(f"{name}{'' if name == 'synthetic-signs' else ':PATH'}" for name in dataset_formats())
+        raise DataError(f"unknown dataset '{cfg.spec}'; --data takes one of: {known}")
+    source = reader(argument, cfg)
+    if cfg.classes:
+        source = select_classes(source, cfg.classes)
+    return source
+
+
+def select_classes(source: DatasetSource, wanted: list[int | str]) -> DatasetSource:
+    """Keep only the wanted classes (by id or name), relabelled 0..k-1 in the order given, names kept."""
+    positions = []
+    for item in wanted:
+        position = _find_class(source, item)
+        if position in positions:
+            raise DataError(f"data.classes lists class {item!r} twice")
+        positions.append(position)
+    new_index = np.full(source.num_classes, -1, dtype=np.int64)
+    new_index[positions] = np.arange(len(positions))
+    splits = {}
+    for name, table in source.splits.items():
+        keep = np.flatnonzero(new_index[table.labels] >= 0)
+        subset = table.subset(keep)
+        subset.labels = new_index[subset.labels]
+        splits[name] = subset
+    return DatasetSource(spec=source.spec, root=source.root, class_ids=[source.class_ids[p] for p in positions],
+                         class_names=[source.class_names[p] for p in positions], splits=splits,
+                         group_kind=source.group_kind, notes=source.notes + [f"kept {len(positions)} classes"])
+
+
+def _find_class(source: DatasetSource, item: int | str) -> int:
+    for position, (cid, name) in enumerate(zip(source.class_ids, source.class_names)):
+        if item == cid or str(item) == str(cid) or (isinstance(item, str) and item.lower() == name.lower()):
+            return position
+    shown = ", ".join(f"{cid} ({name})" if str(cid) != name else str(cid)
+                      for cid, name in list(zip(source.class_ids, source.class_names))[:12])
+    raise DataError(f"data.classes: no class {item!r} in {source.spec}; classes are: {shown}"
+                    f"{' ...' if source.num_classes > 12 else ''}")

@@ -1,0 +1,242 @@
+"""The input pipeline: decoded once into memory for small images, DataLoader workers for large ones.
+
+Both paths yield ``(images, labels)`` with images as normalized float32 [B, 3, S, S] and labels as int64 [B], and
+both take their randomness from torch's global generator (seeded per epoch), so a resumed run sees the same
+batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from resnetlab.data.augment import BatchAugment
+from resnetlab.data.preprocessing import Preprocessing, load_image, normalize, pil_to_uint8, prepare_image, resize_to_input
+from resnetlab.data.records import SampleTable
+from resnetlab.errors import DataError
+from resnetlab.utils.io import torch_save, write_json
+
+IN_MEMORY_MAX_SIZE = 64  # pixels: at or below this, decode once and augment batches on tensors
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RESNETLAB_CACHE_DIR", Path.home() / ".cache" / "resnetlab"))
+
+
+@dataclass
+class BadImage:
+    path: str
+    reason: str
+
+
+@dataclass
+class DecodedSplit:
+    """A split decoded to uint8 [N, 3, S, S], with the samples that could not be read left out and listed."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    kept: np.ndarray  # indices into the original table
+    bad: list[BadImage] = field(default_factory=list)
+
+
+def _geometry_key(prep: Preprocessing) -> str:
+    return f"{prep.input_size}-{prep.resize}-{prep.crop_pct}-{prep.interpolation}-{int(prep.roi_crop)}"
+
+
+def decode_split(table: SampleTable, prep: Preprocessing, *, threads: int = 2, use_cache: bool = True) -> DecodedSplit:
+    """Decode, ROI-crop and resize every image of ``table`` once; cached on disk by content fingerprint."""
+    key = hashlib.sha1(f"{table.fingerprint()}|{_geometry_key(prep)}".encode()).hexdigest()[:20]
+    cache_file = cache_root() / "decoded" / f"{key}.pt"
+    if use_cache and cache_file.is_file():
+        try:
+            cached = torch.load(cache_file, weights_only=True)
+            return DecodedSplit(cached["images"], cached["labels"], cached["kept"].numpy(),
+                                [BadImage(p, r) for p, r in cached["bad"]])
+        except Exception:  # a cache file from another version or a damaged one is rebuilt, never trusted
+            pass
+
+    def decode(i: int) -> torch.Tensor | BadImage:
+        roi = None if table.rois is None else table.rois[i]
+        try:
+            return prepare_image(table.paths[i], prep, roi)
+        except DataError as err:
+            return BadImage(table.paths[i], str(err))
+
+    # Pillow releases the GIL while decoding and resizing, so threads use both cores without pickling costs.
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        results = list(pool.map(decode, range(len(table)), chunksize=64))
+    kept = np.asarray([i for i, r in enumerate(results) if not isinstance(r, BadImage)], dtype=np.int64)
+    bad = [r for r in results if isinstance(r, BadImage)]
+    size = prep.input_size
+    images = torch.stack([results[i] for i in kept]) if len(kept) else torch.zeros(0, 3, size, size, dtype=torch.uint8)
+    labels = torch.as_tensor(table.labels[kept], dtype=torch.int64)
+    decoded = DecodedSplit(images, labels, kept, bad)
+    if use_cache:
+        torch_save({"images": images, "labels": labels, "kept": torch.as_tensor(kept),
+                    "bad": [(b.path, b.reason) for b in bad]}, cache_file)
+    return decoded
+
+
+def check_files_readable(table: SampleTable, *, threads: int = 2) -> list[BadImage]:
+    """Open every file far enough to know it is a complete image; used before training on file-backed data."""
+
+    def check(path: str) -> BadImage | None:
+        try:
+            load_image(path, roi_crop=False)
+        except DataError as err:
+            return BadImage(path, str(err))
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        return [b for b in pool.map(check, table.paths, chunksize=32) if b is not None]
+
+
+def report_bad_images(bad: list[BadImage], policy: str, split: str) -> None:
+    if bad and policy == "error":
+        shown = "; ".join(f"{b.path}" for b in bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise DataError(f"{len(bad)} unreadable image(s) in the {split} split: {shown}. Fix or remove them, "
+                        "or pass data.on_bad_image=skip to train without them (they are then listed in bad_images.csv)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of a uint8 [N, 3, H, W] tensor, in [0, 1] units (chunked, float64 sums)."""
+    total = torch.zeros(3, dtype=torch.float64)
+    total_sq = torch.zeros(3, dtype=torch.float64)
+    count = 0
+    for chunk in images.split(2048):
+        x = chunk.to(torch.float64) / 255.0
+        total += x.sum(dim=(0, 2, 3))
+        total_sq += (x * x).sum(dim=(0, 2, 3))
+        count += x.shape[0] * x.shape[2] * x.shape[3]
+    mean = total / max(count, 1)
+    std = (total_sq / max(count, 1) - mean * mean).clamp(min=1e-12).sqrt()
+    return tuple(round(v, 6) for v in mean.tolist()), tuple(round(v, 6) for v in std.tolist())
+
+
+def file_stats(table: SampleTable, prep: Preprocessing, max_images: int = 2000, seed: int = 0):
+    """Mean and std over (a seeded sample of) a file-backed split at the model's input size; cached by fingerprint."""
+    key = hashlib.sha1(f"{table.fingerprint()}|{_geometry_key(prep)}|{max_images}|{seed}".encode()).hexdigest()[:20]
+    cache_file = cache_root() / "stats" / f"{key}.json"
+    if cache_file.is_file():
+        record = json.loads(cache_file.read_text())
+        return tuple(record["mean"]), tuple(record["std"])
+    rng = np.random.default_rng(seed)
+    indices = np.sort(rng.choice(len(table), size=min(max_images, len(table)), replace=False))
+    sample = decode_split(table.subset(indices), prep, use_cache=False)
+    mean, std = channel_stats(sample.images)
+    write_json(cache_file, {"mean": mean, "std": std, "images": len(indices)})
+    return mean, std
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class TensorBatches:
+    """Batches from an in-memory uint8 tensor, augmented per batch; a drop-in for a DataLoader."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, mean, std,
+                 shuffle: bool = False, drop_last: bool = False, augment: BatchAugment | None = None,
+                 sample_weights: torch.Tensor | None = None, rank: int = 0, world_size: int = 1):
+        self.images, self.labels = images, labels
+        self.batch_size = batch_size
+        self.mean = torch.as_tensor(mean, dtype=torch.float32)
+        self.std = torch.as_tensor(std, dtype=torch.float32)
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.augment = augment
+        self.sample_weights = sample_weights
+        self.rank, self.world_size = rank, world_size
+
+    def _order(self) -> torch.Tensor:
+        n = len(self.labels)
+        if self.sample_weights is not None:
+            order = torch.multinomial(self.sample_weights, n, replacement=True)
+        elif self.shuffle:
+            order = torch.randperm(n)
+        else:
+            order = torch.arange(n)
+        if self.world_size > 1:  # as DistributedSampler: pad to a multiple of the world size, then stride
+            per_rank = -(-n // self.world_size)
+            order = torch.cat([order, order[: per_rank * self.world_size - n]])[self.rank :: self.world_size]
+        return order
+
+    def __len__(self) -> int:
+        n = -(-len(self.labels) // self.world_size)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        order = self._order()
+        for start in range(0, len(order), self.batch_size):
+            index = order[start : start + self.batch_size]
+            if self.drop_last and len(index) < self.batch_size:
+                break
+            batch = self.images[index]
+            if self.augment is not None:
+                batch = self.augment(batch.float().div_(255.0))
+            yield normalize(batch, self.mean, self.std), self.labels[index]
+
+
+class FileImageDataset(Dataset):
+    """Images read from disk one by one (large photos), through a v2 transform in a DataLoader worker."""
+
+    def __init__(self, table: SampleTable, prep: Preprocessing, transform=None):
+        self.table, self.prep, self.transform = table, prep, transform
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, i: int):
+        roi = None if self.table.rois is None else self.table.rois[i]
+        image = load_image(self.table.paths[i], roi, self.prep.roi_crop)
+        if self.transform is None:
+            tensor = pil_to_uint8(resize_to_input(image, self.prep))
+        else:
+            tensor = self.transform(image)
+        return tensor, int(self.table.labels[i])
+
+
+class FileBatches:
+    """A DataLoader over :class:`FileImageDataset` whose uint8 batches are normalized in the main process."""
+
+    def __init__(self, dataset: FileImageDataset, batch_size: int, *, mean, std, shuffle: bool, drop_last: bool,
+                 num_workers: int, sample_weights: torch.Tensor | None = None, pin_memory: bool = False,
+                 rank: int = 0, world_size: int = 1, seed: int = 0):
+        from torch.utils.data import DistributedSampler, WeightedRandomSampler
+
+        sampler = None
+        if sample_weights is not None:
+            sampler = WeightedRandomSampler(sample_weights, len(dataset), replacement=True)
+        elif world_size > 1:
+            sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+        self.sampler = sampler
+        self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                                 drop_last=drop_last, num_workers=num_workers, pin_memory=pin_memory,
+                                 persistent_workers=num_workers > 0)
+        self.mean = torch.as_tensor(mean, dtype=torch.float32)
+        self.std = torch.as_tensor(std, dtype=torch.float32)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            yield normalize(images, self.mean, self.std), labels
+

@@ -1,0 +1,117 @@
+"""How an image file becomes a model input: the one definition shared by training, evaluation, prediction and export.
+
+The :class:`Preprocessing` record is stored in every checkpoint (and in an export's ``preprocessing.json``), and
+:func:`load_image` / :func:`resize_to_input` / :func:`normalize` are the only code that applies it, so that the
+model that was evaluated and the one that is deployed can never disagree on crop, resize or normalization.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from resnetlab.errors import DataError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Decompression bombs: a small file that expands to gigapixels. Pillow warns above this and we turn it into an error.
+Image.MAX_IMAGE_PIXELS = 64_000_000
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    input_size: int
+    resize: str = "squash"  # "squash": resize to a square; "shorter_crop": shorter side to size/crop_pct, centre crop
+    crop_pct: float = 0.875
+    interpolation: str = "bilinear"
+    roi_crop: bool = True
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    channel_order: str = "RGB"
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, record: dict) -> Preprocessing:
+        known = {k: v for k, v in record.items() if k in cls.__dataclass_fields__}
+        for key in ("mean", "std"):
+            if key in known:
+                known[key] = tuple(float(x) for x in known[key])
+        return cls(**known)
+
+
+def load_image(path: str | Path, roi: np.ndarray | list[int] | None = None, roi_crop: bool = True) -> Image.Image:
+    """Open any image file as 8-bit RGB, cropped to its ROI box (inclusive corners) when it has one.
+
+    Greyscale, palette, RGBA (alpha dropped, as torchvision's ImageFolder loader does), CMYK and 16-bit
+    images are all converted; an unreadable file raises a :class:`DataError` naming it.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                image = _to_rgb(img)
+    except FileNotFoundError:
+        raise DataError(f"image file '{path}' does not exist") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"cannot read image '{path}': {str(err).splitlines()[0] or type(err).__name__}") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise DataError(f"image '{path}' is too large (over {Image.MAX_IMAGE_PIXELS:,} pixels)") from None
+    if roi_crop and roi is not None and int(roi[0]) >= 0:
+        x1, y1, x2, y2 = (int(v) for v in roi)
+        x1, y1 = max(0, x1), max(0, y1)
+        x2, y2 = min(image.width - 1, x2), min(image.height - 1, y2)
+        if x2 > x1 and y2 > y1:
+            image = image.crop((x1, y1, x2 + 1, y2 + 1))
+    return image
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit greyscale: scale to 8 bits by the type's range rather than clipping at 255.
+        array = np.asarray(img, dtype=np.float64)
+        scale = 65535.0 if img.mode.startswith("I;16") or array.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(array / scale * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB") if img.mode != "RGB" else img.copy()
+
+
+def _interpolation(name: str) -> InterpolationMode:
+    return InterpolationMode(name)
+
+
+def resize_to_input(image: Image.Image, prep: Preprocessing) -> Image.Image:
+    size = prep.input_size
+    mode = _interpolation(prep.interpolation)
+    if prep.resize == "squash":
+        return TF.resize(image, [size, size], interpolation=mode, antialias=True)
+    image = TF.resize(image, int(round(size / prep.crop_pct)), interpolation=mode, antialias=True)
+    return TF.center_crop(image, [size, size])
+
+
+def pil_to_uint8(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> uint8 tensor [3, H, W]."""
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+def normalize(batch: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 or [0, 1] float batch [B, 3, H, W] -> normalized float32."""
+    if batch.dtype == torch.uint8:
+        batch = batch.float().div_(255.0)
+    return (batch - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+
+
+def prepare_image(path: str | Path, prep: Preprocessing, roi=None) -> torch.Tensor:
+    """One file -> the uint8 [3, S, S] tensor the model's evaluation sees (before normalization)."""
+    return pil_to_uint8(resize_to_input(load_image(path, roi, prep.roi_crop), prep))

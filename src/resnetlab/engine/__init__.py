@@ -1,0 +1,1 @@
+"""Training: runtime choices, optimizers and schedules, the training loop, checkpoints and resume."""

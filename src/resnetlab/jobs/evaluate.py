@@ -1,0 +1,154 @@
+"""Evaluate a model: on a run's own test split after training, or a checkpoint on any dataset later.
+
+``resnetlab evaluate CHECKPOINT --data SPEC --split val`` rebuilds the very validation split the run held out:
+the checkpoint records the data config and the split fingerprints, the split is recomputed with the same seed and
+checked against them. A dataset from another source whose classes are a subset of the model's is evaluated on the
+classes it has, its class ids mapped through the checkpoint's class list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from resnetlab.config import DataConfig, RunConfig
+from resnetlab.data.augment import get_policy
+from resnetlab.data.build import eval_batches_for_table
+from resnetlab.data.datasets import open_dataset
+from resnetlab.data.preprocessing import Preprocessing, normalize, prepare_image
+from resnetlab.data.records import DatasetSource, SampleTable
+from resnetlab.data.splits import plan_splits
+from resnetlab.engine.checkpoint import load_checkpoint, model_from_checkpoint, preprocessing_from_meta
+from resnetlab.engine.runtime import Runtime, resolve_runtime
+from resnetlab.engine.trainer import evaluate_loader
+from resnetlab.errors import DataError
+
+GRADCAM_IMAGES = 16
+
+
+def evaluate_model_on_batches(model, runtime: Runtime, batches, table: SampleTable, *, class_names: list[str],
+                              prep: Preprocessing, out_dir: Path, val_batches=None, topk: int = 5,
+                              gradcam: bool = True, split_name: str = "test", labels_present: list[int] | None = None,
+                              tta: bool = False, log: Callable[[str], None] = print):
+    from resnetlab.evaluation.metrics import evaluate_predictions
+
+    _, logits, targets = evaluate_loader(model, batches, runtime, collect=True, tta_flip=tta)
+    val_logits = val_targets = None
+    if val_batches is not None:
+        _, val_logits, val_targets = evaluate_loader(model, val_batches, runtime, collect=True, tta_flip=tta)
+    result = evaluate_predictions(logits, targets, class_names, paths=table.paths, val_logits=val_logits,
+                                  val_targets=val_targets, topk=topk, labels_present=labels_present)
+    result.metrics["split"] = split_name
+    result.metrics["tta"] = "horizontal flip" if tta else "none"
+    result.save(out_dir)
+    if gradcam:
+        _save_gradcam(model, runtime, table, targets, logits, class_names, prep, out_dir / "gradcam.npz")
+    log(f"evaluation written to {out_dir}")
+    return result
+
+
+def _save_gradcam(model, runtime: Runtime, table: SampleTable, targets: torch.Tensor, logits: torch.Tensor,
+                  class_names: list[str], prep: Preprocessing, path: Path) -> None:
+    """Grad-CAM maps for the misclassified images with the highest loss (the gallery the report shows)."""
+    from resnetlab.evaluation.gradcam import grad_cam, save_gradcam_npz
+
+    losses = F.cross_entropy(logits, targets, reduction="none")
+    wrong = torch.nonzero(logits.argmax(dim=1) != targets).flatten()
+    if len(wrong) == 0:
+        path.unlink(missing_ok=True)
+        return
+    chosen = wrong[losses[wrong].argsort(descending=True)[:GRADCAM_IMAGES]].tolist()
+    raw = torch.stack([prepare_image(table.paths[i], prep, None if table.rois is None else table.rois[i]) for i in chosen])
+    mean, std = torch.as_tensor(prep.mean), torch.as_tensor(prep.std)
+    images = normalize(raw, mean, std).to(runtime.device)
+    predicted = logits[chosen].argmax(dim=1)
+    was_training = model.training
+    model.eval()
+    heatmaps = grad_cam(model.float(), images, predicted.to(runtime.device))
+    model.train(was_training)
+    probs = logits[chosen].softmax(dim=1)
+    save_gradcam_npz(path, raw.permute(0, 2, 3, 1).numpy(), heatmaps.cpu(),
+                     [class_names[int(targets[i])] for i in chosen], [class_names[int(p)] for p in predicted],
+                     probs.max(dim=1).values.tolist(), [table.paths[i] for i in chosen])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `resnetlab evaluate`
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def map_classes_to_model(source: DatasetSource, model_ids: list, model_names: list[str]) -> np.ndarray:
+    """For each class of ``source``, its index in the model's class list (matched by id, then by name), or -1."""
+    by_id = {str(cid): i for i, cid in enumerate(model_ids)}
+    by_name = {name.lower(): i for i, name in enumerate(model_names)}
+    mapping = []
+    for cid, name in zip(source.class_ids, source.class_names):
+        mapping.append(by_id.get(str(cid), by_name.get(str(name).lower(), -1)))
+    return np.asarray(mapping, dtype=np.int64)
+
+
+def evaluate_job(checkpoint: Path, data_spec: str | None, split: str, out_dir: Path, *, tta: bool = False,
+                 device: str = "auto", batch_size: int | None = None, log: Callable[[str], None] = print) -> Path:
+    state = load_checkpoint(checkpoint)
+    model, meta = model_from_checkpoint(state)
+    prep = preprocessing_from_meta(meta)
+    saved = RunConfig.model_validate(meta["config"])
+    data_cfg = DataConfig.model_validate({**saved.data.model_dump(), "spec": data_spec or saved.data.spec})
+
+    try:
+        source = open_dataset(data_cfg)
+    except DataError:
+        if not data_cfg.classes:
+            raise
+        # A foreign set may lack some of the classes the run kept: read all of its classes and map them instead.
+        source = open_dataset(DataConfig.model_validate({**data_cfg.model_dump(), "classes": None}))
+    mapping = map_classes_to_model(source, meta["classes"]["ids"], meta["classes"]["names"])
+    same_dataset = source.fingerprint() == meta["data"]["fingerprint"]
+
+    if split == "all":
+        table = SampleTable.concat([source.splits[name] for name in ("train", "val", "test") if name in source.splits])
+    elif same_dataset or split == "val" or "test" in source.splits:
+        plan = plan_splits(source.splits, strategy=data_cfg.split, val_fraction=data_cfg.val_fraction,
+                           test_fraction=data_cfg.test_fraction, seed=data_cfg.split_seed, group_kind=source.group_kind)
+        table = getattr(plan, split)
+        recorded = meta["data"].get("split_fingerprints", {}).get(split)
+        if same_dataset and recorded and recorded != table.fingerprint():
+            log(f"warning: the rebuilt {split} split differs from the one the run used (the data changed?)")
+    else:
+        table = SampleTable.concat(list(source.splits.values()))
+        log(f"{source.spec} is not the dataset the model was trained on and has no test split: evaluating all "
+            f"{len(table)} of its images")
+
+    known = mapping[table.labels] >= 0
+    if not known.all():
+        unknown = sorted({source.class_names[i] for i in table.labels[~known].tolist()})
+        log(f"skipping {int((~known).sum())} image(s) of {len(unknown)} class(es) the model does not have: "
+            f"{', '.join(map(str, unknown[:8]))}{' ...' if len(unknown) > 8 else ''}")
+        table = table.subset(np.flatnonzero(known))
+    if len(table) == 0:
+        raise DataError(f"no image of {source.spec} ({split} split) belongs to a class of this model "
+                        f"({', '.join(map(str, meta['classes']['ids'][:10]))} ...)")
+    table = SampleTable(table.paths, mapping[table.labels], table.rois, table.groups)
+    present = sorted(set(table.labels.tolist()))
+    labels_present = None if len(present) == len(meta["classes"]["names"]) else present
+    if labels_present is not None:
+        log(f"evaluating on the {len(present)} of {len(meta['classes']['names'])} model classes this data holds")
+
+    runtime = resolve_runtime(saved.train.model_copy(update={"device": device}))
+    model = model.to(runtime.device)
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    batches, table = eval_batches_for_table(table, prep, batch_size or saved.data.eval_batch_size, split=split)
+    if tta and not get_policy(saved.augment.preset).hflip:
+        log(f"note: the '{saved.augment.preset}' augmentation preset does not flip images (mirror-image classes), "
+            "so test-time augmentation is off")
+        tta = False
+    evaluate_model_on_batches(model, runtime, batches, table, class_names=list(meta["classes"]["names"]), prep=prep,
+                              out_dir=out_dir, topk=saved.eval.topk, gradcam=saved.eval.gradcam, split_name=split,
+                              labels_present=labels_present, tta=tta, log=log)
+    return out_dir
+

@@ -1,0 +1,206 @@
+"""The main job: train, then evaluate on the test split, then write the report, all into one run directory."""
+
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import shutil
+import socket
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+import resnetlab
+from resnetlab.config import RunConfig
+from resnetlab.data.build import RunData, build_run_data
+from resnetlab.data.datasets import open_dataset
+from resnetlab.data.splits import write_split_manifest
+from resnetlab.engine.checkpoint import load_checkpoint
+from resnetlab.engine.distributed import DistributedContext, init_distributed, wrap_model
+from resnetlab.engine.runtime import resolve_runtime, seed_everything
+from resnetlab.engine.trainer import Trainer
+from resnetlab.errors import ConfigError
+from resnetlab.jobs.evaluate import evaluate_model_on_batches
+from resnetlab.utils.io import atomic_write, write_json, write_text
+from resnetlab.utils.runlog import RunLog
+
+
+def default_run_dir(recipe: str) -> Path:
+    return Path("runs") / f"{recipe}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def prepare_run_dir(out: Path, *, overwrite: bool, resume: bool) -> None:
+    if resume:
+        if not (out / "checkpoints" / "last.pt").is_file():
+            raise ConfigError(f"--resume '{out}': no checkpoints/last.pt there to resume from")
+        return
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out '{out}' is a file; choose a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"--out '{out}' is not empty; choose another folder, add --overwrite, or --resume it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def model_kwargs_of(cfg: RunConfig) -> dict:
+    kwargs = dict(cfg.model.kwargs)
+    if cfg.model.drop_rate is not None:
+        kwargs["drop_rate"] = cfg.model.drop_rate
+    return kwargs
+
+
+def model_origin(cfg: RunConfig) -> str:
+    if cfg.model.pretrained:
+        return "ImageNet weights (torchvision)"
+    if cfg.model.pretrained_path:
+        return f"weights file {cfg.model.pretrained_path}"
+    return "random initialisation"
+
+
+def build_model(cfg: RunConfig, num_classes: int, log: RunLog) -> torch.nn.Module:
+    from resnetlab.models import count_params, create_model
+
+    model = create_model(cfg.model.name, num_classes, pretrained=cfg.model.pretrained,
+                         pretrained_path=cfg.model.pretrained_path, zero_init_residual=cfg.model.zero_init_residual,
+                         **model_kwargs_of(cfg))
+    log(f"model {cfg.model.name}: {count_params(model):,} parameters, {num_classes} classes, from {model_origin(cfg)}")
+    return model
+
+
+def train_job(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: bool = False) -> Path:
+    """Run the whole job; returns the run directory. Raises ResnetlabError for anything the user can fix."""
+    dist = init_distributed()
+    if dist.is_main:
+        prepare_run_dir(out, overwrite=overwrite, resume=resume)
+    dist.barrier()
+    log = RunLog(out / "train.log", quiet=cfg.logging.quiet, enabled=dist.is_main)
+    started = time.time()
+    try:
+        return _train(cfg, out, log, dist, resume=resume, started=started)
+    finally:
+        log.close()
+
+
+def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, *, resume: bool, started: float) -> Path:
+    # Check what the user named before printing anything, so that a typo gets one clear line and nothing else.
+    from resnetlab.models import resolve_model_name
+
+    resolve_model_name(cfg.model.name)
+    source = open_dataset(cfg.data)
+    runtime = resolve_runtime(cfg.train, local_rank=dist.local_rank if dist.enabled else None)
+    seed_everything(cfg.train.seed + dist.rank, cfg.train.deterministic)
+    log(f"resnetlab {resnetlab.__version__}, torch {torch.__version__}: {runtime.describe()}")
+    if dist.is_main:
+        write_text(out / "config.yaml", cfg.to_yaml())
+
+    data = build_run_data(cfg, rank=dist.rank, world_size=dist.world_size, pin_memory=runtime.device.type == "cuda",
+                          log=log, source=source)
+    class_map = ", ".join(f"{i}={cid}" + (f" ({name})" if str(cid) != name else "")
+                          for i, (cid, name) in enumerate(zip(data.source.class_ids, data.source.class_names)))
+    log(f"classes ({data.source.num_classes}): {class_map}")
+    if dist.is_main:
+        write_split_manifest(data.plan, data.source.class_names, out / "splits.csv")
+        _write_bad_images(data, out)
+
+    model = build_model(cfg, data.source.num_classes, log).to(runtime.device)
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model, net = wrap_model(model, dist, sync_bn=cfg.train.sync_bn)
+    if cfg.train.compile:
+        net = torch.compile(net)
+        log("torch.compile: on (the first steps include compilation)")
+    trainer = Trainer(cfg, data, model, runtime, out, log, model_kwargs=model_kwargs_of(cfg), is_main=dist.is_main,
+                      ddp_model=net if net is not model else None)
+    if resume:
+        trainer.resume_from(out / "checkpoints" / "last.pt")
+    outcome = trainer.fit()
+    log(f"training stopped: {outcome.stopped_because}; best {cfg.train.monitor} {outcome.best_metric:.4f} at epoch "
+        f"{outcome.best_epoch}; {outcome.train_seconds:.1f}s of training")
+    dist.barrier()
+    if not dist.is_main:
+        dist.close()
+        return out
+
+    # Evaluate the best checkpoint (the weights early stopping restores) on the test split.
+    best = load_checkpoint(out / "checkpoints" / "best.pt")
+    model.load_state_dict(best["model"])
+    eval_result = evaluate_model_on_batches(
+        model, runtime, data.test, data.plan.test, class_names=data.source.class_names, prep=data.prep,
+        out_dir=out / "eval", val_batches=data.val, topk=cfg.eval.topk, gradcam=cfg.eval.gradcam,
+        split_name="test", log=log)
+    _write_run_info(out, cfg, runtime, data, model, outcome, started, best["meta"].get("weights", "raw"), dist)
+    from resnetlab.reporting.report import render_report
+
+    md, html = render_report(out)
+    log(f"test top-1 {eval_result.metrics['top1']:.4f}, top-5 {eval_result.metrics['top5']:.4f}, balanced accuracy "
+        f"{eval_result.metrics['balanced_accuracy']:.4f} on {eval_result.metrics['num_samples']} images")
+    log(f"report: {md} and {html}")
+    dist.close()
+    return out
+
+
+def _write_bad_images(data: RunData, out: Path) -> None:
+    rows = [(split, b.path, b.reason) for split, bad in data.bad.items() for b in bad]
+    if not rows:
+        return
+    with atomic_write(out / "bad_images.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["split", "path", "reason"])
+        writer.writerows(rows)
+
+
+def _write_run_info(out: Path, cfg: RunConfig, runtime, data: RunData, model, outcome, started: float,
+                    best_weights: str, dist: DistributedContext) -> None:
+    from resnetlab.models import count_params
+
+    write_json(out / "run_info.json", {
+        "resnetlab_version": resnetlab.__version__,
+        "torch_version": str(torch.__version__),
+        "python_version": platform.python_version(),
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "device": str(runtime.device) + (f" ({torch.cuda.get_device_name(runtime.device)})" if runtime.device.type == "cuda" else ""),
+        "threads": runtime.threads,
+        "precision": runtime.precision,
+        "channels_last": runtime.channels_last,
+        "runtime_choices": runtime.reasons,
+        "world_size": dist.world_size,
+        "start_time": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
+        "end_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "total_seconds": round(time.time() - started, 2),
+        "train_seconds": round(outcome.train_seconds, 2),
+        "epochs_run": outcome.epochs_run,
+        "stopped_because": outcome.stopped_because,
+        "best_epoch": outcome.best_epoch,
+        "best_metric": outcome.best_metric,
+        "best_weights": best_weights,
+        "monitor": cfg.train.monitor,
+        "num_params": count_params(model),
+        "model_origin": model_origin(cfg),
+        "class_ids": data.source.class_ids,
+        "class_names": data.source.class_names,
+        "dataset": data.source.spec,
+        "dataset_fingerprint": data.source.fingerprint(),
+        "split_sizes": data.plan.sizes(),
+        "split_strategy": data.plan.strategy,
+        "split_sources": data.plan.sources,
+        "preprocessing": data.prep.to_dict(),
+        "in_memory_pipeline": data.in_memory,
+        "bad_images": {k: len(v) for k, v in data.bad.items()},
+    })
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
