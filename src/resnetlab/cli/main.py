@@ -24,13 +24,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-data_app = typer.Typer(help="Dataset tools: generate the synthetic set.", no_args_is_help=True)
-app.add_typer(data_app, name="data")
-
 RUN, DATA, MODEL, TRAINING, OUTPUT = "Run", "Data", "Model", "Training", "Output"
 
 
-def _fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = 2) -> None:
+    """Stop a command with one line on stderr and exit code 2 (bad usage or input)."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
@@ -70,10 +68,10 @@ def train(
 
     if resume is not None:
         if recipe is not None:
-            _fail("--resume continues a run with its own config; do not combine it with --recipe")
+            fail("--resume continues a run with its own config; do not combine it with --recipe")
         base = load_yaml(resume / "config.yaml") if (resume / "config.yaml").is_file() else None
         if base is None:
-            _fail(f"--resume '{resume}': no config.yaml there; is it a resnetlab run directory?")
+            fail(f"--resume '{resume}': no config.yaml there; is it a resnetlab run directory?")
         out = resume
     else:
         base = load_recipe(recipe or "demo")
@@ -107,7 +105,7 @@ def evaluate(
     from resnetlab.reporting.report import render_report
 
     if split not in ("test", "val", "all"):
-        _fail(f"--split '{split}': choose test, val or all")
+        fail(f"--split '{split}': choose test, val or all")
     if out is None:
         run_dir = checkpoint if checkpoint.is_dir() else checkpoint.resolve().parent.parent
         out = run_dir / "evaluations" / f"{split}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
@@ -133,12 +131,12 @@ def predict(
     from resnetlab.cli.render import print_predictions
 
     if output_format not in ("table", "csv", "json"):
-        _fail(f"--format '{output_format}': choose table, csv or json")
+        fail(f"--format '{output_format}': choose table, csv or json")
     if topk < 1:
-        _fail("--topk must be at least 1")
+        fail("--topk must be at least 1")
     paths = expand_inputs(inputs)
     if not paths:
-        _fail(f"no image files found in {' '.join(inputs)}")
+        fail(f"no image files found in {' '.join(inputs)}")
     predictor = Predictor(checkpoint)
     results = predictor.predict_paths(paths, topk=topk, batch_size=batch_size, tta_flip=tta)
     print_predictions(results, output_format)
@@ -155,7 +153,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory (or an 
     from resnetlab.reporting.report import render_report
 
     if not run_dir.is_dir():
-        _fail(f"'{run_dir}' is not a folder; pass a run directory")
+        fail(f"'{run_dir}' is not a folder; pass a run directory")
     md, html = render_report(run_dir)
     typer.echo(f"{md}\n{html}")
 
@@ -195,24 +193,13 @@ def recipes(as_json: Annotated[bool, typer.Option("--json", help="Machine-readab
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# data
+# sub-command groups that live in their own modules
 # ---------------------------------------------------------------------------------------------------------------
 
+from resnetlab.cli import bench_cmd, data_cmd, deploy_cmd, tune_cmd  # noqa: E402
 
-@data_app.command("synth")
-def data_synth(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write (GTSRB Kaggle layout)")],
-    per_class: Annotated[int, typer.Option("--per-class", help="Training images per class")] = 300,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    workers: Annotated[int, typer.Option("--workers", help="Processes to draw with")] = 1,
-) -> None:
-    """Generate the synthetic traffic-sign set (deterministic for a seed)."""
-    from resnetlab.data.synthetic import generate_synthetic_signs
-
-    if per_class < 1:
-        _fail("--per-class must be at least 1")
-    path = generate_synthetic_signs(out, per_class=per_class, seed=seed, workers=workers)
-    typer.echo(str(path))
+for _module in (data_cmd, tune_cmd, deploy_cmd, bench_cmd):
+    _module.register(app)
 
 
 # ---------------------------------------------------------------------------------------------------------------
