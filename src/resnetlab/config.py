@@ -132,6 +132,7 @@ class TrainConfig(_Section):
     early_stopping_patience: int | None = Field(None, ge=1)
     early_stopping_min_delta: float = Field(0.0, ge=0)
     time_budget: float | None = Field(None, gt=0, description="Minutes of training, then stop cleanly")
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="Stop each epoch after this many batches (smoke tests)")
     save_every: int | None = Field(None, ge=1, description="Also keep checkpoints/epoch_N.pt every N epochs")
     keep_top_k: int = Field(1, ge=1)
     sync_bn: bool = False

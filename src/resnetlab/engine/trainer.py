@@ -102,7 +102,8 @@ class Trainer:
         t = cfg.train
         self.base_optimizer = create_optimizer(model, cfg.optim)
         self.optimizer = wrap_optimizer(self.base_optimizer, cfg.optim)
-        self.schedule = Schedule(self.base_optimizer, cfg.schedule, epochs=t.epochs, steps_per_epoch=len(data.train),
+        steps_per_epoch = min(len(data.train), t.max_steps_per_epoch or len(data.train))
+        self.schedule = Schedule(self.base_optimizer, cfg.schedule, epochs=t.epochs, steps_per_epoch=steps_per_epoch,
                                  base_lr=cfg.optim.lr, monitor_mode="max" if t.monitor == "val_top1" else "min")
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
         self.ema = None
@@ -247,8 +248,11 @@ class Trainer:
         norm_sum, norm_count, seen = 0.0, 0, 0
         start = time.perf_counter()
         out_of_time = False
-        progress.start_epoch(epoch, self.cfg.train.epochs, len(self.data.train))
-        for images, targets in self.data.train:
+        max_steps = t.max_steps_per_epoch or len(self.data.train)
+        progress.start_epoch(epoch, t.epochs, min(max_steps, len(self.data.train)))
+        for batch_index, (images, targets) in enumerate(self.data.train):
+            if batch_index >= max_steps:
+                break
             images = runtime.to_input(images)
             targets = targets.to(runtime.device, non_blocking=True)
             hard_targets = targets
