@@ -58,12 +58,16 @@ def auto_workers() -> int:
 
 
 def build_run_data(cfg: RunConfig, *, rank: int = 0, world_size: int = 1, pin_memory: bool = False,
-                   log: Callable[[str], None] = print, source: DatasetSource | None = None) -> RunData:
+                   log: Callable[[str], None] = print, source: DatasetSource | None = None,
+                   plan: SplitPlan | None = None) -> RunData:
+    """``source`` and ``plan`` may be given ready-made (k-fold tuning passes each fold's plan); by default they are
+    read and split from ``cfg.data``. Normalization statistics always come from ``plan.train`` alone."""
     source = source or open_dataset(cfg.data)
     for note in source.notes:
         log(note)
-    plan = plan_splits(source.splits, strategy=cfg.data.split, val_fraction=cfg.data.val_fraction,
-                       test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed, group_kind=source.group_kind)
+    if plan is None:
+        plan = plan_splits(source.splits, strategy=cfg.data.split, val_fraction=cfg.data.val_fraction,
+                           test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed, group_kind=source.group_kind)
     log(f"split: {plan.strategy}; train {len(plan.train)}, val {len(plan.val)}, test {len(plan.test)} images "
         f"(val: {plan.sources['val']}; test: {plan.sources['test']})")
     prep = base_preprocessing(cfg)

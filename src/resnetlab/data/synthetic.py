@@ -455,9 +455,8 @@ def _draw_template(class_id: int, style: _SignStyle) -> tuple[Image.Image, tuple
             bar_top, bar_bottom = top + 0.36 * height, top + 0.72 * height
             draw.polygon([(c - 0.045 * size, bar_top), (c + 0.045 * size, bar_top),
                           (c + 0.028 * size, bar_bottom), (c - 0.028 * size, bar_bottom)], fill=style.black)
-            _disc_centre = top + 0.81 * height
-            draw.ellipse((c - 0.042 * size, _disc_centre - 0.042 * size, c + 0.042 * size, _disc_centre + 0.042 * size),
-                         fill=style.black)
+            dot_y, dot_r = top + 0.81 * height, 0.042 * size
+            draw.ellipse((c - dot_r, dot_y - dot_r, c + dot_r, dot_y + dot_r), fill=style.black)
         bbox = (0.0, top, float(size), bottom)
 
     template = canvas.reduce(2)

@@ -17,6 +17,8 @@ import resnetlab
 from resnetlab.config import RunConfig
 from resnetlab.data.build import RunData, build_run_data
 from resnetlab.data.datasets import open_dataset
+from resnetlab.data.records import DatasetSource
+from resnetlab.data.splits import SplitPlan
 from resnetlab.data.splits import write_split_manifest
 from resnetlab.engine.checkpoint import load_checkpoint
 from resnetlab.engine.distributed import DistributedContext, init_distributed, wrap_model
@@ -71,8 +73,14 @@ def build_model(cfg: RunConfig, num_classes: int, log: RunLog) -> torch.nn.Modul
     return model
 
 
-def train_job(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: bool = False) -> Path:
-    """Run the whole job; returns the run directory. Raises ResnetlabError for anything the user can fix."""
+def train_job(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: bool = False,
+              source: DatasetSource | None = None, plan: SplitPlan | None = None, evaluate: bool = True,
+              report: bool = True) -> Path:
+    """Run the whole job; returns the run directory. Raises ResnetlabError for anything the user can fix.
+
+    ``source``/``plan`` replace reading and splitting ``cfg.data`` (tuning passes each fold's split); ``evaluate``
+    and ``report`` can be turned off for runs whose test split is not to be looked at (k-fold trials).
+    """
     dist = init_distributed()
     if dist.is_main:
         prepare_run_dir(out, overwrite=overwrite, resume=resume)
@@ -80,17 +88,19 @@ def train_job(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: boo
     log = RunLog(out / "train.log", quiet=cfg.logging.quiet, enabled=dist.is_main)
     started = time.time()
     try:
-        return _train(cfg, out, log, dist, resume=resume, started=started)
+        return _train(cfg, out, log, dist, resume=resume, started=started, source=source, plan=plan,
+                      evaluate=evaluate, report=report)
     finally:
         log.close()
 
 
-def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, *, resume: bool, started: float) -> Path:
+def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, *, resume: bool, started: float,
+           source: DatasetSource | None, plan: SplitPlan | None, evaluate: bool, report: bool) -> Path:
     # Check what the user named before printing anything, so that a typo gets one clear line and nothing else.
     from resnetlab.models import resolve_model_name
 
     resolve_model_name(cfg.model.name)
-    source = open_dataset(cfg.data)
+    source = source or open_dataset(cfg.data)
     runtime = resolve_runtime(cfg.train, local_rank=dist.local_rank if dist.enabled else None)
     seed_everything(cfg.train.seed + dist.rank, cfg.train.deterministic)
     log(f"resnetlab {resnetlab.__version__}, torch {torch.__version__}: {runtime.describe()}")
@@ -98,7 +108,7 @@ def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, *, 
         write_text(out / "config.yaml", cfg.to_yaml())
 
     data = build_run_data(cfg, rank=dist.rank, world_size=dist.world_size, pin_memory=runtime.device.type == "cuda",
-                          log=log, source=source)
+                          log=log, source=source, plan=plan)
     class_map = ", ".join(f"{i}={cid}" + (f" ({name})" if str(cid) != name else "")
                           for i, (cid, name) in enumerate(zip(data.source.class_ids, data.source.class_names)))
     log(f"classes ({data.source.num_classes}): {class_map}")
@@ -124,6 +134,10 @@ def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, *, 
     if not dist.is_main:
         dist.close()
         return out
+    if not evaluate:
+        _write_run_info(out, cfg, runtime, data, model, outcome, started, "raw", dist)
+        dist.close()
+        return out
 
     # Evaluate the best checkpoint (the weights early stopping restores) on the test split.
     best = load_checkpoint(out / "checkpoints" / "best.pt")
@@ -133,14 +147,31 @@ def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, *, 
         out_dir=out / "eval", val_batches=data.val, topk=cfg.eval.topk, gradcam=cfg.eval.gradcam,
         split_name="test", log=log)
     _write_run_info(out, cfg, runtime, data, model, outcome, started, best["meta"].get("weights", "raw"), dist)
-    from resnetlab.reporting.report import render_report
-
-    md, html = render_report(out)
     log(f"test top-1 {eval_result.metrics['top1']:.4f}, top-5 {eval_result.metrics['top5']:.4f}, balanced accuracy "
         f"{eval_result.metrics['balanced_accuracy']:.4f} on {eval_result.metrics['num_samples']} images")
-    log(f"report: {md} and {html}")
+    if report:
+        from resnetlab.reporting.report import render_report
+
+        md, html = render_report(out, load_image=roi_image_loader(data))
+        log(f"report: {md} and {html}")
     dist.close()
     return out
+
+
+def roi_image_loader(data: RunData):
+    """Open an image as the model saw it (ROI-cropped), for the report's galleries."""
+    from resnetlab.data.preprocessing import load_image
+
+    rois = {}
+    for name in ("train", "val", "test"):
+        table = getattr(data.plan, name)
+        if table.rois is not None:
+            rois.update(zip(table.paths, table.rois))
+
+    def load(path: str):
+        return load_image(path, rois.get(path), data.prep.roi_crop)
+
+    return load
 
 
 def _write_bad_images(data: RunData, out: Path) -> None:
