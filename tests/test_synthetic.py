@@ -188,13 +188,14 @@ def test_folder_holding_something_else_is_refused(dataset: Path, tmp_path: Path)
     assert (generate_synthetic_signs(empty, per_class=2) / "Train.csv").is_file()
 
 
-def test_interrupted_generation_leaves_nothing_behind(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_interrupted_generation_leaves_nothing_behind(tmp_path: Path, workers: int) -> None:
     def interrupt(done: int, total: int) -> None:
         if done > total // 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        generate_synthetic_signs(tmp_path / "signs", per_class=4, progress=interrupt)
+        generate_synthetic_signs(tmp_path / "signs", per_class=30, workers=workers, progress=interrupt)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -309,9 +309,12 @@ def _run_jobs(jobs: Sequence[_TrackJob], workers: int) -> Iterable[list[tuple]]:
     if workers == 1:
         yield from map(_render_track, jobs)
         return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers)
+    try:
         # Results come back in submission order, which keeps the CSVs identical for any worker count.
         yield from pool.map(_render_track, jobs, chunksize=8)
+    finally:  # on an interruption, drop the queued tracks instead of rendering them into a folder being deleted
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _write_csv(path: Path, rows: Sequence[tuple]) -> None:
