@@ -57,14 +57,19 @@ class DataConfig(_Section):
     num_workers: int | None = Field(None, ge=0, description="DataLoader workers for large images (None: auto)")
     sampler: Literal["random", "weighted"] = "random"
     on_bad_image: Literal["error", "skip"] = "error"
+    cifar100_labels: Literal["fine", "coarse"] = Field(
+        "fine", description="cifar100:PATH: the 100 fine classes or the 20 coarse superclasses"
+    )
     synthetic_per_class: int = Field(300, ge=4)
     synthetic_seed: int = 0
-    download: bool = False
+    download: bool = Field(False, description="Fetch gtsrb:/cifar10:/cifar100: archives into PATH when they are not there")
 
 
 class ModelConfig(_Section):
     name: str = "resnet20"
-    pretrained: bool = False
+    pretrained: bool | Literal["auto"] = Field(
+        False, description="ImageNet weights through torchvision; 'auto': use them when they can be fetched, else "
+        "train from random initialisation and say so")
     pretrained_path: str | None = None
     drop_rate: float | None = Field(None, ge=0, lt=1, description="Dropout before the final linear layer (None: the model's default)")
     zero_init_residual: bool = False
@@ -89,6 +94,7 @@ class OptimConfig(_Section):
     weight_decay: float = Field(5e-4, ge=0)
     no_decay_norm_bias: bool = True
     betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0, description="Adam/AdamW epsilon")
     wrapper: Literal["none", "sam", "gnp"] = Field("none", description="SAM or gradient-norm penalty around the optimizer")
     sam_rho: float = Field(0.05, gt=0)
     gnp_alpha: float = Field(0.8, ge=0, le=1, description="Gradient-norm penalty: weight of the perturbed gradient")
@@ -110,7 +116,9 @@ class ScheduleConfig(_Section):
 
 class LossConfig(_Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    class_weights: Literal["none", "balanced"] = "none"
+    class_weights: Literal["none", "balanced"] | list[float] = Field(
+        "none", description="Per-class loss weights: none, balanced (inverse training frequency) or one number per class"
+    )
 
 
 class TrainConfig(_Section):
@@ -126,8 +134,10 @@ class TrainConfig(_Section):
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: all cores)")
     grad_clip_norm: float | None = Field(None, gt=0)
     grad_clip_value: float | None = Field(None, gt=0)
-    ema: bool = False
+    ema: bool = Field(False, description="Keep an exponential moving average of the weights, validated beside them")
     ema_decay: float = Field(0.999, gt=0, lt=1)
+    ema_warmup: bool = Field(True, description="EMA decay min(ema_decay, (1+n)/(10+n)) after n updates, as timm")
+    ema_keep_best: bool = Field(True, description="best.pt holds the EMA weights in epochs where they validate better")
     monitor: Literal["val_top1", "val_loss"] = "val_top1"
     early_stopping_patience: int | None = Field(None, ge=1)
     early_stopping_min_delta: float = Field(0.0, ge=0)
@@ -135,7 +145,7 @@ class TrainConfig(_Section):
     max_steps_per_epoch: int | None = Field(None, ge=1, description="Stop each epoch after this many batches (smoke tests)")
     save_every: int | None = Field(None, ge=1, description="Also keep checkpoints/epoch_N.pt every N epochs")
     keep_top_k: int = Field(1, ge=1)
-    sync_bn: bool = False
+    sync_bn: bool = Field(False, description="SyncBatchNorm across processes in torchrun runs (CUDA only)")
 
 
 class EvalConfig(_Section):

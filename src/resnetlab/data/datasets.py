@@ -28,7 +28,22 @@ def open_dataset(cfg: DataConfig) -> DatasetSource:
     source = reader(argument, cfg)
     if cfg.classes:
         source = select_classes(source, cfg.classes)
+    check_rejected(source, cfg.on_bad_image)
     return source
+
+
+def check_rejected(source: DatasetSource, policy: str) -> None:
+    """Stop on rows or files the reader could not use, unless ``data.on_bad_image=skip`` (then they are logged)."""
+    rejected = source.all_rejected()
+    if not rejected:
+        return
+    if policy == "error":
+        shown = "; ".join(f"{b.path} ({b.reason})" for b in rejected[:5])
+        more = f"; and {len(rejected) - 5} more" if len(rejected) > 5 else ""
+        raise DataError(f"{source.spec}: {len(rejected)} sample(s) cannot be used: {shown}{more}. Fix or remove them, "
+                        "or pass data.on_bad_image=skip to go on without them (they are then listed in bad_images.csv)")
+    source.notes.append(f"on_bad_image=skip: leaving out {len(rejected)} sample(s) the reader could not use "
+                        f"(listed in bad_images.csv), e.g. {rejected[0].path} ({rejected[0].reason})")
 
 
 def select_classes(source: DatasetSource, wanted: list[int | str]) -> DatasetSource:
@@ -47,9 +62,12 @@ def select_classes(source: DatasetSource, wanted: list[int | str]) -> DatasetSou
         subset = table.subset(keep)
         subset.labels = new_index[subset.labels]
         splits[name] = subset
-    return DatasetSource(spec=source.spec, root=source.root, class_ids=[source.class_ids[p] for p in positions],
+    kept_ids = [source.class_ids[p] for p in positions]
+    return DatasetSource(spec=source.spec, root=source.root, class_ids=kept_ids,
                          class_names=[source.class_names[p] for p in positions], splits=splits,
-                         group_kind=source.group_kind, notes=source.notes + [f"kept {len(positions)} classes"])
+                         group_kind=source.group_kind, notes=source.notes + [f"kept {len(positions)} classes"],
+                         rejected=source.rejected,
+                         mirror_pairs=tuple(pair for pair in source.mirror_pairs if set(pair) <= set(kept_ids)))
 
 
 def _find_class(source: DatasetSource, item: int | str) -> int:

@@ -16,6 +16,18 @@ import numpy as np
 
 
 @dataclass
+class BadImage:
+    """A sample left out of a run, and why: an unreadable file, a listed file that is missing, an unknown class id.
+
+    With ``data.on_bad_image=error`` any of these stops the run before training; with ``skip`` they are left out and
+    the train job writes them to ``bad_images.csv`` in the run directory. Nothing is dropped without a record.
+    """
+
+    path: str
+    reason: str
+
+
+@dataclass
 class SampleTable:
     """The samples of one split: absolute image paths, label indices and optional ROI boxes and group ids.
 
@@ -86,6 +98,17 @@ class DatasetSource:
     splits: dict[str, SampleTable]
     group_kind: str | None = None  # what a group is ("track"), or None
     notes: list[str] = field(default_factory=list)  # what the reader noticed (files ignored ...), for the log
+    # Rows or files the reader could not use (missing files, unknown class ids, empty classes), per split.
+    # open_dataset stops on them with data.on_bad_image=error; with skip they reach RunData.bad / bad_images.csv.
+    rejected: dict[str, list[BadImage]] = field(default_factory=dict)
+    # Pairs of class ids that are mirror images of each other (GTSRB 33/34 ...), for augment.mirror_swap.
+    mirror_pairs: tuple[tuple[int | str, int | str], ...] = ()
+
+    def reject(self, split: str, path: str, reason: str) -> None:
+        self.rejected.setdefault(split, []).append(BadImage(str(path), reason))
+
+    def all_rejected(self) -> list[BadImage]:
+        return [bad for split in sorted(self.rejected) for bad in self.rejected[split]]
 
     @property
     def num_classes(self) -> int:

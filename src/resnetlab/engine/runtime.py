@@ -86,7 +86,12 @@ def resolve_runtime(cfg: TrainConfig, *, local_rank: int | None = None) -> Runti
         channels_last = cfg.channels_last == "on"
 
     if use_cuda:
+        # cuDNN's autotuner picks the fastest convolution algorithm per shape, which may differ between runs.
         torch.backends.cudnn.benchmark = not cfg.deterministic
+        if not cfg.deterministic:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            reasons.append("cudnn.benchmark and TF32 on")
     return Runtime(device=device, precision=precision, channels_last=channels_last, threads=threads, reasons=reasons)
 
 
@@ -96,8 +101,10 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     torch.manual_seed(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # warn_only: an operation without a deterministic kernel warns instead of stopping the run.
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
 
 
 def rng_state() -> dict:
@@ -105,8 +112,9 @@ def rng_state() -> dict:
     np_state = np.random.get_state()
     state["numpy"] = {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                       "has_gauss": int(np_state[3]), "cached": float(np_state[4])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # the current device only: a run may be resumed on a machine with another number of GPUs
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -117,5 +125,6 @@ def set_rng_state(state: dict) -> None:
     np_state = state["numpy"]
     np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
                          np_state["has_gauss"], np_state["cached"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda_state = state.get("cuda")
+    if isinstance(cuda_state, torch.Tensor) and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda_state)

@@ -55,22 +55,31 @@ def model_kwargs_of(cfg: RunConfig) -> dict:
     return kwargs
 
 
-def model_origin(cfg: RunConfig) -> str:
-    if cfg.model.pretrained:
-        return "ImageNet weights (torchvision)"
-    if cfg.model.pretrained_path:
-        return f"weights file {cfg.model.pretrained_path}"
-    return "random initialisation"
-
-
-def build_model(cfg: RunConfig, num_classes: int, log: RunLog) -> torch.nn.Module:
+def build_model(cfg: RunConfig, num_classes: int, log: RunLog) -> tuple[torch.nn.Module, str]:
+    """The model and where its weights came from (said in the log, run_info.json and the report)."""
+    from resnetlab.errors import ResnetlabError
     from resnetlab.models import count_params, create_model
 
-    model = create_model(cfg.model.name, num_classes, pretrained=cfg.model.pretrained,
-                         pretrained_path=cfg.model.pretrained_path, zero_init_residual=cfg.model.zero_init_residual,
-                         **model_kwargs_of(cfg))
-    log(f"model {cfg.model.name}: {count_params(model):,} parameters, {num_classes} classes, from {model_origin(cfg)}")
-    return model
+    m = cfg.model
+    common = dict(zero_init_residual=m.zero_init_residual, **model_kwargs_of(cfg))
+    if m.pretrained_path:
+        model = create_model(m.name, num_classes, pretrained_path=m.pretrained_path, **common)
+        origin = f"weights file {m.pretrained_path}"
+    elif m.pretrained:
+        try:
+            model = create_model(m.name, num_classes, pretrained=True, **common)
+            origin = "ImageNet weights (torchvision)"
+        except ResnetlabError as err:
+            if m.pretrained != "auto":
+                raise
+            log(f"warning: {err}; training from random initialisation instead (model.pretrained=auto)")
+            model = create_model(m.name, num_classes, **common)
+            origin = "random initialisation (ImageNet weights unavailable offline)"
+    else:
+        model = create_model(m.name, num_classes, **common)
+        origin = "random initialisation"
+    log(f"model {m.name}: {count_params(model):,} parameters, {num_classes} classes, from {origin}")
+    return model, origin
 
 
 def train_job(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: bool = False,
@@ -116,7 +125,8 @@ def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, *, 
         write_split_manifest(data.plan, data.source.class_names, out / "splits.csv")
         _write_bad_images(data, out)
 
-    model = build_model(cfg, data.source.num_classes, log).to(runtime.device)
+    model, origin = build_model(cfg, data.source.num_classes, log)
+    model = model.to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model, net = wrap_model(model, dist, sync_bn=cfg.train.sync_bn)
@@ -135,7 +145,7 @@ def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, *, 
         dist.close()
         return out
     if not evaluate:
-        _write_run_info(out, cfg, runtime, data, model, outcome, started, "raw", dist)
+        _write_run_info(out, cfg, runtime, data, model, outcome, started, "raw", dist, origin)
         dist.close()
         return out
 
@@ -146,7 +156,7 @@ def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, *, 
         model, runtime, data.test, data.plan.test, class_names=data.source.class_names, prep=data.prep,
         out_dir=out / "eval", val_batches=data.val, topk=cfg.eval.topk, gradcam=cfg.eval.gradcam,
         split_name="test", log=log)
-    _write_run_info(out, cfg, runtime, data, model, outcome, started, best["meta"].get("weights", "raw"), dist)
+    _write_run_info(out, cfg, runtime, data, model, outcome, started, best["meta"].get("weights", "raw"), dist, origin)
     log(f"test top-1 {eval_result.metrics['top1']:.4f}, top-5 {eval_result.metrics['top5']:.4f}, balanced accuracy "
         f"{eval_result.metrics['balanced_accuracy']:.4f} on {eval_result.metrics['num_samples']} images")
     if report:
@@ -185,7 +195,7 @@ def _write_bad_images(data: RunData, out: Path) -> None:
 
 
 def _write_run_info(out: Path, cfg: RunConfig, runtime, data: RunData, model, outcome, started: float,
-                    best_weights: str, dist: DistributedContext) -> None:
+                    best_weights: str, dist: DistributedContext, origin: str) -> None:
     from resnetlab.models import count_params
 
     write_json(out / "run_info.json", {
@@ -213,7 +223,7 @@ def _write_run_info(out: Path, cfg: RunConfig, runtime, data: RunData, model, ou
         "best_weights": best_weights,
         "monitor": cfg.train.monitor,
         "num_params": count_params(model),
-        "model_origin": model_origin(cfg),
+        "model_origin": origin,
         "class_ids": data.source.class_ids,
         "class_names": data.source.class_names,
         "dataset": data.source.spec,

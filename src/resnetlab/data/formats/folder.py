@@ -1,7 +1,11 @@
 """``folder:PATH``: one sub-folder per class, or split sub-folders (train/val/test and aliases) holding them.
 
 Class order follows ``classes.txt`` when the folder has one (one name per line), else sorted folder names as in
-torchvision's ``ImageFolder``. ``class_names.tsv`` (``folder<TAB>readable name``) supplies readable names.
+torchvision's ``ImageFolder``. ``class_names.tsv`` supplies readable names: ``folder<TAB>name`` per line, or
+``index<TAB>folder<TAB>name`` (imagenette's file). Hidden files and folders and files that are not images are
+skipped and counted in the log. A class without images (an empty folder, or a ``classes.txt`` line without a
+folder) and images of a class the train split lacks are rejected: ``data.on_bad_image`` decides whether that
+stops the run or leaves them out with a record.
 """
 
 from __future__ import annotations
@@ -12,8 +16,8 @@ import numpy as np
 
 from resnetlab.config import DataConfig
 from resnetlab.data.formats import register_format
-from resnetlab.data.formats.common import list_images, require_dir
-from resnetlab.data.records import DatasetSource, SampleTable
+from resnetlab.data.formats.common import IMAGE_EXTENSIONS, IgnoredFiles, require_dir, scan_images
+from resnetlab.data.records import BadImage, DatasetSource, SampleTable
 from resnetlab.errors import DataError
 
 SPLIT_ALIASES = {
@@ -34,6 +38,10 @@ def find_split_dirs(root: Path) -> dict[str, Path]:
     return found
 
 
+def _class_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def _class_order(root: Path, class_dirs: list[str]) -> list[str]:
     listing = root / "classes.txt"
     if listing.is_file():
@@ -41,16 +49,27 @@ def _class_order(root: Path, class_dirs: list[str]) -> list[str]:
         unknown = sorted(set(class_dirs) - set(order))
         if unknown:
             raise DataError(f"{listing}: does not list the class folder(s) {unknown}; add them or remove the file")
-        return [name for name in order if name in class_dirs]
+        if len(set(order)) != len(order):
+            raise DataError(f"{listing}: lists a class twice; one line per class")
+        return order
     return sorted(class_dirs)
 
 
-def _readable_names(root: Path, class_ids: list[str]) -> list[str]:
+def readable_names(root: Path, class_ids: list[str]) -> list[str]:
+    """Names from ``class_names.tsv`` (``folder<TAB>name`` or ``index<TAB>folder<TAB>name``), else the ids."""
     table = root / "class_names.tsv"
     if not table.is_file():
         return list(class_ids)
-    mapping = dict(line.split("\t", 1) for line in table.read_text().splitlines() if "\t" in line)
-    return [mapping.get(cid, cid).strip() for cid in class_ids]
+    wanted = set(class_ids)
+    mapping: dict[str, str] = {}
+    for line in table.read_text().splitlines():
+        cells = [c.strip() for c in line.split("\t")]
+        # The folder is the cell that names a class folder; the readable name is the cell after it.
+        for position, cell in enumerate(cells[:-1]):
+            if cell in wanted and cells[position + 1]:
+                mapping[cell] = cells[position + 1]
+                break
+    return [mapping.get(cid, cid) for cid in class_ids]
 
 
 def read_class_folders(root: Path, spec: str) -> DatasetSource:
@@ -60,29 +79,57 @@ def read_class_folders(root: Path, spec: str) -> DatasetSource:
         raise DataError(f"'{root}' has {'/'.join(p.name for p in split_dirs.values())} but no train/ folder; "
                         "add train/ (or training/) with one sub-folder per class")
     per_split_roots = split_dirs or {"train": root}
-    class_dirs = sorted(p.name for p in per_split_roots["train"].iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not class_dirs:
+    train_dirs = [p.name for p in _class_dirs(per_split_roots["train"])]
+    if not train_dirs:
         raise DataError(f"'{per_split_roots['train']}' has no class sub-folders; put each class's images in its own folder")
-    class_ids = _class_order(root, class_dirs)
-    index_of = {name: i for i, name in enumerate(class_ids)}
-    tables, notes, ignored_total = {}, [], 0
+    listed = _class_order(root, train_dirs)
+    ignored, rejected, notes = IgnoredFiles(), {}, []
+    found: dict[str, dict[str, list[Path]]] = {}
     for split, split_root in per_split_roots.items():
+        found[split] = {}
+        for class_dir in _class_dirs(split_root):
+            images, passed_over = scan_images(class_dir)
+            ignored.add(passed_over)
+            found[split][class_dir.name] = images
+        loose = [p for p in split_root.iterdir() if p.is_file() and not p.name.startswith(".")]
+        loose_images = [p for p in loose if p.suffix.lower() in IMAGE_EXTENSIONS]
+        if loose_images:
+            notes.append(f"ignored {len(loose_images)} image(s) directly in {split_root} (outside any class folder)")
+        ignored.non_image += len(loose) - len(loose_images)
+    # A class with no training image cannot be learned: reject it (stop, or drop it with a record).
+    class_ids = []
+    for name in listed:
+        if found["train"].get(name):
+            class_ids.append(name)
+            continue
+        where = per_split_roots["train"] / name
+        reason = "class folder holds no images" if where.is_dir() else "class listed in classes.txt has no folder"
+        rejected.setdefault("train", []).append(BadImage(str(where), reason))
+        for split in found:
+            for path in found[split].get(name, []) if split != "train" else []:
+                rejected.setdefault(split, []).append(BadImage(str(path.resolve()), f"class '{name}' has no training images"))
+    if not class_ids:
+        raise DataError(f"'{per_split_roots['train']}': no class folder holds an image file "
+                        f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    index_of = {name: i for i, name in enumerate(class_ids)}
+    tables = {}
+    for split, classes in found.items():
         paths, labels = [], []
-        for class_dir in sorted(p for p in split_root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            if class_dir.name not in index_of:
-                raise DataError(f"'{class_dir}' is a class the train split does not have; rename or remove it")
-            images, ignored = list_images(class_dir)
-            ignored_total += ignored
+        for name, images in classes.items():
+            if name not in index_of:
+                if name not in listed:  # a class the train split does not have at all
+                    for path in images:
+                        rejected.setdefault(split, []).append(
+                            BadImage(str(path.resolve()), f"class folder '{name}' is not in the train split"))
+                continue
             paths += [str(p.resolve()) for p in images]
-            labels += [index_of[class_dir.name]] * len(images)
+            labels += [index_of[name]] * len(images)
         tables[split] = SampleTable(paths, np.asarray(labels, dtype=np.int64))
-    empty = [class_ids[i] for i, n in enumerate(tables["train"].class_counts(len(class_ids))) if n == 0]
-    if empty:
-        raise DataError(f"'{per_split_roots['train']}': class folder(s) {empty} hold no images; add images or remove them")
-    if ignored_total:
-        notes.append(f"ignored {ignored_total} non-image file(s) under {root}")
-    return DatasetSource(spec=spec, root=root, class_ids=list(class_ids),
-                         class_names=_readable_names(root, class_ids), splits=tables, notes=notes)
+    note = ignored.note(root)
+    if note:
+        notes.append(note)
+    return DatasetSource(spec=spec, root=root, class_ids=list(class_ids), class_names=readable_names(root, class_ids),
+                         splits=tables, notes=notes, rejected=rejected)
 
 
 @register_format("folder", "class sub-folders, or train/val/test sub-folders holding class sub-folders")

@@ -1,0 +1,106 @@
+"""The deployment record: what a served or exported model is, which classes it knows and how its input is made.
+
+The same record describes a checkpoint (built from its ``meta``) and an export folder (``preprocessing.json``),
+so ``GET /model``, ``predict`` and ``export`` all read one shape of data::
+
+    {"format": "resnetlab-deployment", "format_version": 1, "resnetlab_version": "0.1.0",
+     "model": {"name": "resnet20", "num_classes": 43, ...},
+     "classes": {"ids": [...], "names": [...]},
+     "preprocessing": {"input_size": 32, "resize": "squash", "crop_pct": 0.875, "interpolation": "bilinear",
+                       "roi_crop": true, "mean": [...], "std": [...], "channel_order": "RGB"},
+     "input": {"name": "input", "shape": ["batch", 3, 32, 32], "dtype": "float32", "layout": "NCHW", ...},
+     "output": {"name": "logits", "kind": "logits"},
+     "test_time_flip": false,
+     "artifact": {"format": "onnx", "file": "model.onnx", "precision": "float32", "parity": {...}}}   # exports only
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import resnetlab
+from resnetlab.data.preprocessing import Preprocessing
+from resnetlab.errors import CheckpointError
+
+RECORD_FILE = "preprocessing.json"
+RECORD_FORMAT = "resnetlab-deployment"
+RECORD_FORMAT_VERSION = 1
+MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.ts"}
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+SCALING = "x / 255 per channel in channel_order, then (x - mean) / std"
+
+
+def _horizontal_flip_in_training(meta: dict[str, Any]) -> bool | None:
+    """Whether the model was trained with mirrored images, i.e. whether flip test-time augmentation is safe."""
+    from resnetlab.data.augment import get_policy
+    from resnetlab.errors import ConfigError
+
+    preset = (meta.get("config") or {}).get("augment", {}).get("preset")
+    if preset is None:
+        return None
+    try:
+        return get_policy(preset).hflip > 0
+    except ConfigError:
+        return None
+
+
+def record_from_meta(meta: dict[str, Any], *, checkpoint_sha256: str | None = None) -> dict[str, Any]:
+    """The deployment record of a checkpoint, from its ``meta`` alone."""
+    prep = Preprocessing.from_dict(meta["preprocessing"])
+    size = prep.input_size
+    model = meta["model"]
+    return {
+        "format": RECORD_FORMAT,
+        "format_version": RECORD_FORMAT_VERSION,
+        "resnetlab_version": resnetlab.__version__,
+        "model": {"name": model["name"], "num_classes": int(model["num_classes"]), "kwargs": model.get("kwargs", {}),
+                  "epoch": meta.get("epoch"), "weights": meta.get("weights"), "monitor": meta.get("monitor"),
+                  "best_metric": meta.get("best_metric"), "trained_with_resnetlab": meta.get("resnetlab_version")},
+        "classes": {"ids": list(meta["classes"]["ids"]), "names": list(meta["classes"]["names"])},
+        "preprocessing": prep.to_dict(),
+        "input": {"name": INPUT_NAME, "shape": ["batch", 3, size, size], "dtype": "float32", "layout": "NCHW",
+                  "scaling": SCALING},
+        "output": {"name": OUTPUT_NAME, "kind": meta.get("output", "logits")},
+        "test_time_flip": _horizontal_flip_in_training(meta),
+        "source": {"checkpoint_sha256": checkpoint_sha256, "data": (meta.get("data") or {}).get("spec")},
+    }
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def is_export_dir(path: str | Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / RECORD_FILE).is_file()
+
+
+def read_export_record(folder: str | Path) -> dict[str, Any]:
+    """Read and check an export folder's ``preprocessing.json``; the model file it names must be there."""
+    folder = Path(folder)
+    path = folder / RECORD_FILE
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"'{folder}' has no {RECORD_FILE}; pass an export folder made by `resnetlab export` "
+                              "or a checkpoint") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"'{path}' is not valid JSON ({err}); re-run `resnetlab export`") from None
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+        raise CheckpointError(f"'{path}' is not a resnetlab export record; re-run `resnetlab export`")
+    if record.get("format_version") != RECORD_FORMAT_VERSION:
+        raise CheckpointError(f"'{path}' has export format {record.get('format_version')}; this resnetlab reads "
+                              f"format {RECORD_FORMAT_VERSION}; re-run `resnetlab export`")
+    for key in ("classes", "preprocessing", "output", "artifact"):
+        if key not in record:
+            raise CheckpointError(f"'{path}' lacks the '{key}' entry; re-run `resnetlab export`")
+    model_file = folder / record["artifact"]["file"]
+    if not model_file.is_file():
+        raise CheckpointError(f"export '{folder}' names model file '{model_file.name}', which is missing")
+    return record
