@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,23 +19,26 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from resnetlab.data.augment import BatchAugment
-from resnetlab.data.preprocessing import Preprocessing, load_image, normalize, pil_to_uint8, prepare_image, resize_to_input
-from resnetlab.data.records import SampleTable
+from resnetlab.data.augment import BatchAugment, MirrorSwap, PerImage
+from resnetlab.data.cache import cache_root
+from resnetlab.data.formats.common import describe_paths
+from resnetlab.data.preprocessing import (
+    Preprocessing,
+    check_image,
+    load_image,
+    normalize,
+    pil_to_uint8,
+    prepare_image,
+    resize_to_input,
+)
+from resnetlab.data.records import BadImage, SampleTable
 from resnetlab.errors import DataError
 from resnetlab.utils.io import torch_save, write_json
 
 IN_MEMORY_MAX_SIZE = 64  # pixels: at or below this, decode once and augment batches on tensors
 
-
-def cache_root() -> Path:
-    return Path(os.environ.get("RESNETLAB_CACHE_DIR", Path.home() / ".cache" / "resnetlab"))
-
-
-@dataclass
-class BadImage:
-    path: str
-    reason: str
+__all__ = ["BadImage", "DecodedSplit", "FileBatches", "FileImageDataset", "IN_MEMORY_MAX_SIZE", "TensorBatches",
+           "cache_root", "channel_stats", "check_files_readable", "decode_split", "file_stats", "report_bad_images"]
 
 
 @dataclass
@@ -47,14 +51,26 @@ class DecodedSplit:
     bad: list[BadImage] = field(default_factory=list)
 
 
+def files_signature(paths: list[str]) -> str:
+    """A hash of the size and modification time of every file: a cache keyed on it dies when a file is replaced."""
+    digest = hashlib.sha1()
+    for path in paths:
+        try:
+            stat = os.stat(path)
+            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(b"-\n")
+    return digest.hexdigest()[:16]
+
+
 def _geometry_key(prep: Preprocessing) -> str:
     return f"{prep.input_size}-{prep.resize}-{prep.crop_pct}-{prep.interpolation}-{int(prep.roi_crop)}"
 
 
 def decode_split(table: SampleTable, prep: Preprocessing, *, threads: int = 2, use_cache: bool = True) -> DecodedSplit:
     """Decode, ROI-crop and resize every image of ``table`` once; cached on disk by content fingerprint."""
-    key = hashlib.sha1(f"{table.fingerprint()}|{_geometry_key(prep)}".encode()).hexdigest()[:20]
-    cache_file = cache_root() / "decoded" / f"{key}.pt"
+    key = hashlib.sha1(f"{table.fingerprint()}|{files_signature(table.paths)}|{_geometry_key(prep)}".encode())
+    cache_file = cache_root() / "decoded" / f"{key.hexdigest()[:20]}.pt"
     if use_cache and cache_file.is_file():
         try:
             cached = torch.load(cache_file, weights_only=True)
@@ -85,25 +101,39 @@ def decode_split(table: SampleTable, prep: Preprocessing, *, threads: int = 2, u
     return decoded
 
 
-def check_files_readable(table: SampleTable, *, threads: int = 2) -> list[BadImage]:
-    """Open every file far enough to know it is a complete image; used before training on file-backed data."""
+def check_files_readable(table: SampleTable, *, threads: int = 2, use_cache: bool = True) -> list[BadImage]:
+    """Decode every file far enough to know it is a complete image; used before training on file-backed data.
+
+    The answer is cached by the files' paths, sizes and modification times, so a second run on unchanged files
+    skips the work, and a file that was fixed or replaced is checked again.
+    """
+    key = hashlib.sha1(f"{table.fingerprint()}|{files_signature(table.paths)}".encode()).hexdigest()[:20]
+    cache_file = cache_root() / "checked" / f"{key}.json"
+    if use_cache and cache_file.is_file():
+        try:
+            return [BadImage(path, reason) for path, reason in json.loads(cache_file.read_text())["bad"]]
+        except (ValueError, KeyError, TypeError):
+            pass
 
     def check(path: str) -> BadImage | None:
         try:
-            load_image(path, roi_crop=False)
+            check_image(path)
         except DataError as err:
             return BadImage(path, str(err))
         return None
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        return [b for b in pool.map(check, table.paths, chunksize=32) if b is not None]
+        bad = [b for b in pool.map(check, table.paths, chunksize=32) if b is not None]
+    if use_cache:
+        write_json(cache_file, {"bad": [(b.path, b.reason) for b in bad], "files": len(table)})
+    return bad
 
 
 def report_bad_images(bad: list[BadImage], policy: str, split: str) -> None:
     if bad and policy == "error":
-        shown = "; ".join(f"{b.path}" for b in bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise DataError(f"{len(bad)} unreadable image(s) in the {split} split: {shown}. Fix or remove them, "
-                        "or pass data.on_bad_image=skip to train without them (they are then listed in bad_images.csv)")
+        raise DataError(f"{len(bad)} unreadable image(s) in the {split} split: {describe_paths([b.path for b in bad])}. "
+                        "Fix or remove them, or pass data.on_bad_image=skip to train without them (they are then "
+                        "listed in bad_images.csv)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -147,17 +177,25 @@ def file_stats(table: SampleTable, prep: Preprocessing, max_images: int = 2000, 
 
 
 class TensorBatches:
-    """Batches from an in-memory uint8 tensor, augmented per batch; a drop-in for a DataLoader."""
+    """Batches from an in-memory uint8 tensor, augmented per batch; a drop-in for a DataLoader.
+
+    Per batch: gather the samples (uint8), ``per_image`` (RandAugment/TrivialAugment, one draw per image), scale to
+    [0, 1], ``augment`` (the preset, per-sample parameters), ``mirror`` (flip and relabel mirror-image classes),
+    normalize.
+    """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, mean, std,
                  shuffle: bool = False, drop_last: bool = False, augment: BatchAugment | None = None,
-                 sample_weights: torch.Tensor | None = None, rank: int = 0, world_size: int = 1):
+                 sample_weights: torch.Tensor | None = None, rank: int = 0, world_size: int = 1,
+                 per_image: PerImage | None = None, mirror: MirrorSwap | None = None):
         self.images, self.labels = images, labels
         self.batch_size = batch_size
         self.mean = torch.as_tensor(mean, dtype=torch.float32)
         self.std = torch.as_tensor(std, dtype=torch.float32)
         self.shuffle, self.drop_last = shuffle, drop_last
         self.augment = augment
+        self.per_image = per_image
+        self.mirror = mirror
         self.sample_weights = sample_weights
         self.rank, self.world_size = rank, world_size
 
@@ -178,16 +216,23 @@ class TensorBatches:
         n = -(-len(self.labels) // self.world_size)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
+    def transform(self, batch: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 samples -> the normalized, augmented float batch and its (possibly mirror-swapped) labels."""
+        if self.per_image is not None:
+            batch = self.per_image(batch)
+        if self.augment is not None:
+            batch = self.augment(batch.float().div_(255.0))
+        if self.mirror is not None:
+            batch, labels = self.mirror(batch, labels)
+        return normalize(batch, self.mean, self.std), labels
+
     def __iter__(self):
         order = self._order()
         for start in range(0, len(order), self.batch_size):
             index = order[start : start + self.batch_size]
             if self.drop_last and len(index) < self.batch_size:
                 break
-            batch = self.images[index]
-            if self.augment is not None:
-                batch = self.augment(batch.float().div_(255.0))
-            yield normalize(batch, self.mean, self.std), self.labels[index]
+            yield self.transform(self.images[index], self.labels[index])
 
 
 class FileImageDataset(Dataset):
@@ -210,11 +255,18 @@ class FileImageDataset(Dataset):
 
 
 class FileBatches:
-    """A DataLoader over :class:`FileImageDataset` whose uint8 batches are normalized in the main process."""
+    """A DataLoader over :class:`FileImageDataset` whose uint8 batches are finished in the main process.
+
+    Workers decode and augment image by image; here the collated batch gets the batch-level steps shared with the
+    in-memory pipeline (``batch_augment``: random erasing; ``mirror``: mirror-image relabelling) and is normalized.
+    Workers persist across epochs (no re-fork per epoch) and batches are pinned for fast copies to a GPU.
+    """
 
     def __init__(self, dataset: FileImageDataset, batch_size: int, *, mean, std, shuffle: bool, drop_last: bool,
                  num_workers: int, sample_weights: torch.Tensor | None = None, pin_memory: bool = False,
-                 rank: int = 0, world_size: int = 1, seed: int = 0):
+                 rank: int = 0, world_size: int = 1, seed: int = 0,
+                 batch_augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 mirror: MirrorSwap | None = None):
         from torch.utils.data import DistributedSampler, WeightedRandomSampler
 
         sampler = None
@@ -223,11 +275,17 @@ class FileBatches:
         elif world_size > 1:
             sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
         self.sampler = sampler
+        # The uint8 batches the workers collate are turned into float here, so it is the float batch that is put in
+        # page-locked memory (see transform), for asynchronous copies to the GPU.
+        self.pin_memory = pin_memory and torch.cuda.is_available()
         self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                                 drop_last=drop_last, num_workers=num_workers, pin_memory=pin_memory,
-                                 persistent_workers=num_workers > 0)
+                                 drop_last=drop_last, num_workers=num_workers,
+                                 persistent_workers=num_workers > 0,
+                                 prefetch_factor=4 if num_workers > 0 else None)
         self.mean = torch.as_tensor(mean, dtype=torch.float32)
         self.std = torch.as_tensor(std, dtype=torch.float32)
+        self.batch_augment = batch_augment
+        self.mirror = mirror
 
     def set_epoch(self, epoch: int) -> None:
         if hasattr(self.sampler, "set_epoch"):
@@ -236,7 +294,18 @@ class FileBatches:
     def __len__(self) -> int:
         return len(self.loader)
 
+    def transform(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.batch_augment is not None:
+            images = self.batch_augment(images.float().div_(255.0))
+        if self.mirror is not None:
+            images, labels = self.mirror(images, labels)
+        if self.pin_memory:  # normalize straight into a pinned buffer: no extra copy
+            out = torch.empty(images.shape, dtype=torch.float32, pin_memory=True).copy_(images)
+            if images.dtype == torch.uint8:
+                out.div_(255.0)
+            return out.sub_(self.mean.view(1, 3, 1, 1)).div_(self.std.view(1, 3, 1, 1)), labels.pin_memory()
+        return normalize(images, self.mean, self.std), labels
+
     def __iter__(self):
         for images, labels in self.loader:
-            yield normalize(images, self.mean, self.std), labels
-
+            yield self.transform(images, labels)

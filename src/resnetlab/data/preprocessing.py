@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
@@ -52,21 +52,44 @@ class Preprocessing:
 def load_image(path: str | Path, roi: np.ndarray | list[int] | None = None, roi_crop: bool = True) -> Image.Image:
     """Open any image file as 8-bit RGB, cropped to its ROI box (inclusive corners) when it has one.
 
-    Greyscale, palette, RGBA (alpha dropped, as torchvision's ImageFolder loader does), CMYK and 16-bit
-    images are all converted; an unreadable file raises a :class:`DataError` naming it.
+    Greyscale, palette, RGBA (alpha dropped, as torchvision's ImageFolder loader does), CMYK, 16-bit and float
+    images are all converted; a camera's EXIF orientation is applied, so a phone photo is seen upright. An
+    unreadable file (corrupt, truncated, empty, not an image) raises a :class:`DataError` naming it.
     """
+    return _open_rgb(path, roi=roi, roi_crop=roi_crop)
+
+
+def check_image(path: str | Path) -> None:
+    """Decode ``path`` far enough to know it is a complete image, or raise the :class:`DataError` load_image would.
+
+    JPEGs are decoded at reduced scale (libjpeg's DCT scaling): every byte is still read, so a truncated file is
+    caught, at a third of the cost of a full decode of a large photo.
+    """
+    _open_rgb(path, draft=True)
+
+
+def _open_rgb(path: str | Path, *, roi=None, roi_crop: bool = True, draft: bool = False) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
+                if draft:
+                    img.draft("RGB", (64, 64))
                 img.load()
-                image = _to_rgb(img)
+                # A ROI box refers to the stored pixel grid, so only images without one are turned upright.
+                upright = roi is None or int(roi[0]) < 0
+                image = _to_rgb(ImageOps.exif_transpose(img) if upright else img)
     except FileNotFoundError:
         raise DataError(f"image file '{path}' does not exist") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"cannot read image '{path}': {str(err).splitlines()[0] or type(err).__name__}") from None
+    except IsADirectoryError:
+        raise DataError(f"'{path}' is a folder, not an image file") from None
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise DataError(f"image '{path}' is too large (over {Image.MAX_IMAGE_PIXELS:,} pixels)") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if isinstance(err, UnidentifiedImageError):
+            reason = "not an image file Pillow can read (empty, corrupt or another format)"
+        raise DataError(f"cannot read image '{path}': {reason}") from None
     if roi_crop and roi is not None and int(roi[0]) >= 0:
         x1, y1, x2, y2 = (int(v) for v in roi)
         x1, y1 = max(0, x1), max(0, y1)
@@ -77,11 +100,18 @@ def load_image(path: str | Path, roi: np.ndarray | list[int] | None = None, roi_
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit greyscale: scale to 8 bits by the type's range rather than clipping at 255.
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        # 16-bit, 32-bit integer and float greyscale: scale to 8 bits by the range the values are in, rather than
+        # clipping at 255 (which would turn most 16-bit images white and every 0-1 float image black).
         array = np.asarray(img, dtype=np.float64)
-        scale = 65535.0 if img.mode.startswith("I;16") or array.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(array / scale * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+        peak = float(np.nanmax(array)) if array.size else 0.0
+        if img.mode.startswith("I;16"):
+            scale = 65535.0
+        elif img.mode == "F" and peak <= 1.0:
+            scale = 1.0
+        else:
+            scale = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak
+        img = Image.fromarray(np.clip(np.nan_to_num(array) / scale * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     return img.convert("RGB") if img.mode != "RGB" else img.copy()

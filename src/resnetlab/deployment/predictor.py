@@ -1,17 +1,41 @@
-"""Prediction from a checkpoint: class names with confidences, using only the preprocessing the checkpoint records."""
+"""Prediction: class names with confidences, from a checkpoint or an export, with the recorded preprocessing only.
+
+:func:`load_predictor` is the one way in. Whatever the backend, an image goes through the same steps, which are the
+evaluation's own: :func:`~resnetlab.data.preprocessing.prepare_image` (decode any mode to RGB, resize and crop by the
+record), :func:`~resnetlab.data.preprocessing.normalize` (mean and std from the record), the backend's logits, and a
+softmax here (an export's output is logits, as ``preprocessing.json`` says). So the checkpoint, its exports and the
+service agree to the export's parity tolerance.
+
+The default backend (``auto``) is the fastest one that keeps float32 parity: ONNX Runtime. A checkpoint is exported
+to ONNX on first use (parity-checked like ``resnetlab export``) into a cache folder keyed by the checkpoint's hash;
+if that export fails, prediction falls back to eager torch and says so.
+"""
 
 from __future__ import annotations
 
 import glob
+import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
+import resnetlab
 from resnetlab.data.formats.common import IMAGE_EXTENSIONS, list_images
-from resnetlab.data.preprocessing import Preprocessing, normalize, prepare_image, pil_to_uint8, resize_to_input
-from resnetlab.engine.checkpoint import load_checkpoint, model_from_checkpoint, preprocessing_from_meta
-from resnetlab.errors import DataError
+from resnetlab.data.preprocessing import Preprocessing, normalize, pil_to_uint8, prepare_image, resize_to_input
+from resnetlab.deployment.backends import (
+    InferenceBackend,
+    OnnxRuntimeBackend,
+    TorchBackend,
+    TorchScriptBackend,
+    onnxruntime_available,
+)
+from resnetlab.deployment.records import file_sha256, is_export_dir, read_export_record, record_from_meta
+from resnetlab.errors import CheckpointError, DataError
+
+BACKEND_CHOICES = ("auto", "torch", "onnxruntime", "torchscript")
 
 
 @dataclass
@@ -45,59 +69,206 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     return paths
 
 
+def preferred_batch(input_size: int) -> int:
+    """Images per backend call: about 8 at 224 px, more for smaller inputs.
+
+    On our CPUs float32 ResNets at 224 px run faster in batches of about 8 than 32 (activations of larger batches
+    overflow the caches, ``shared/cpu-perf.md``); at 32 px a batch of 8 * 49 images has the same activation size.
+    """
+    return max(1, min(256, (8 * 224 * 224) // (input_size * input_size)))
+
+
 class Predictor:
-    """A model rebuilt from its checkpoint, in eval mode, with its recorded preprocessing."""
+    """A backend plus the deployment record (classes, preprocessing, output kind) it was made from."""
 
-    def __init__(self, checkpoint: str | Path, device: str = "cpu"):
-        state = load_checkpoint(checkpoint)
-        self.model, self.meta = model_from_checkpoint(state)
-        self.prep: Preprocessing = preprocessing_from_meta(self.meta)
-        self.class_names: list[str] = list(self.meta["classes"]["names"])
-        self.class_ids: list = list(self.meta["classes"]["ids"])
-        self.device = torch.device(device)
-        self.model.to(self.device)
-        self.mean = torch.as_tensor(self.prep.mean)
-        self.std = torch.as_tensor(self.prep.std)
+    def __init__(self, backend: InferenceBackend, record: dict[str, Any], *, source: str = "",
+                 micro_batch: int | None = None):
+        self.backend = backend
+        self.record = record
+        self.source = source
+        self.prep: Preprocessing = Preprocessing.from_dict(record["preprocessing"])
+        self.class_names: list[str] = list(record["classes"]["names"])
+        self.class_ids: list = list(record["classes"]["ids"])
+        self.output_kind: str = record["output"]["kind"]
+        self.mean = torch.as_tensor(self.prep.mean, dtype=torch.float32)
+        self.std = torch.as_tensor(self.prep.std, dtype=torch.float32)
+        self.micro_batch = micro_batch or preferred_batch(self.prep.input_size)
 
-    @torch.inference_mode()
-    def logits(self, batch_uint8: torch.Tensor, *, tta_flip: bool = False) -> torch.Tensor:
-        x = normalize(batch_uint8, self.mean, self.std).to(self.device)
-        logits = self.model(x).float()
-        if tta_flip:
-            probs = (logits.softmax(1) + self.model(x.flip(-1)).float().softmax(1)) / 2
-            logits = probs.clamp(min=1e-12).log()
-        return logits.cpu()
+    # -- images -> uint8 model inputs (the evaluation's own code) ---------------------------------------------------
 
-    def prepare(self, path: str) -> torch.Tensor:
+    def prepare(self, path: str | Path) -> torch.Tensor:
         # Files given to predict have no ROI box: the whole image is the sign (as cropped by a detector).
         return prepare_image(path, self.prep, None)
 
     def prepare_pil(self, image) -> torch.Tensor:
         return pil_to_uint8(resize_to_input(image.convert("RGB"), self.prep))
 
+    # -- uint8 batch -> probabilities ------------------------------------------------------------------------------
+
+    def _outputs(self, x: torch.Tensor) -> torch.Tensor:
+        chunks = [self.backend.run(x[start : start + self.micro_batch]) for start in range(0, len(x), self.micro_batch)]
+        return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+
+    def _probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = self._outputs(x)
+        return outputs.softmax(dim=1) if self.output_kind == "logits" else outputs
+
+    def probabilities(self, batch_uint8: torch.Tensor, *, tta_flip: bool = False) -> torch.Tensor:
+        """uint8 [B, 3, S, S] (as :meth:`prepare` makes) -> class probabilities [B, C], float32."""
+        x = normalize(batch_uint8, self.mean, self.std)
+        probs = self._probabilities(x)
+        if tta_flip:
+            probs = (probs + self._probabilities(x.flip(-1))) / 2
+        return probs
+
+    # -- whole predictions ---------------------------------------------------------------------------------------
+
+    def predict_tensors(self, batch_uint8: torch.Tensor, names: Sequence[str], *, topk: int = 5,
+                        tta_flip: bool = False) -> list[Prediction]:
+        probs = self.probabilities(batch_uint8, tta_flip=tta_flip)
+        return [self._fill(Prediction(name), row, topk) for name, row in zip(names, probs)]
+
     def predict_paths(self, paths: list[str], *, topk: int = 5, batch_size: int = 64,
                       tta_flip: bool = False) -> list[Prediction]:
+        """Predictions in the order of ``paths``; an unreadable file gets a Prediction with ``error`` set."""
         results: list[Prediction] = []
         for start in range(0, len(paths), batch_size):
-            chunk = paths[start : start + batch_size]
-            tensors, ok = [], []
-            for path in chunk:
+            tensors, names = [], []
+            for path in paths[start : start + batch_size]:
                 try:
                     tensors.append(self.prepare(path))
-                    ok.append(Prediction(path))
+                    names.append(path)
                 except DataError as err:
                     results.append(Prediction(path, error=str(err)))
             if tensors:
-                probs = self.logits(torch.stack(tensors), tta_flip=tta_flip).softmax(dim=1)
-                for prediction, row in zip(ok, probs):
-                    self._fill(prediction, row, topk)
-                    results.append(prediction)
+                results += self.predict_tensors(torch.stack(tensors), names, topk=topk, tta_flip=tta_flip)
         order = {p: i for i, p in enumerate(paths)}
         return sorted(results, key=lambda r: order[r.path])
 
-    def _fill(self, prediction: Prediction, probs: torch.Tensor, topk: int) -> None:
+    def _fill(self, prediction: Prediction, probs: torch.Tensor, topk: int) -> Prediction:
         values, indices = probs.topk(min(topk, len(self.class_names)))
         prediction.indices = indices.tolist()
         prediction.classes = [self.class_names[i] for i in prediction.indices]
         prediction.class_ids = [self.class_ids[i] for i in prediction.indices]
         prediction.confidences = [round(float(v), 6) for v in values]
+        return prediction
+
+    def describe(self) -> dict[str, Any]:
+        """The deployment record plus how this process runs it (for ``GET /model`` and logs)."""
+        return {**self.record, "runtime": {**self.backend.describe(), "micro_batch": self.micro_batch,
+                                           "source": self.source}}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint_file(path: str | Path) -> Path:
+    """A checkpoint file, or a run directory's checkpoints/best.pt."""
+    path = Path(path)
+    if path.is_dir():
+        candidate = path / "checkpoints" / "best.pt"
+        if not candidate.is_file():
+            raise CheckpointError(f"'{path}' is neither an export folder (no preprocessing.json) nor a run directory "
+                                  "(no checkpoints/best.pt); pass a checkpoint, a run directory or an export folder")
+        return candidate
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' does not exist")
+    return path
+
+
+def export_cache_dir(checkpoint_file: Path, cache_root: Path | None = None) -> Path:
+    """Where the on-the-fly ONNX export of a checkpoint lives: keyed by the file's hash and the exporting versions."""
+    from resnetlab.data.pipeline import cache_root as default_cache_root
+    from resnetlab.deployment.export import DEFAULT_OPSET
+
+    key = f"{file_sha256(checkpoint_file)}-{resnetlab.__version__}-{torch.__version__}-opset{DEFAULT_OPSET}"
+    return (cache_root or default_cache_root()) / "exports" / hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def cached_onnx_export(checkpoint: str | Path, *, cache_root: Path | None = None,
+                       log: Callable[[str], None] | None = None) -> Path:
+    """The checkpoint's parity-checked ONNX export (dynamic batch), made on first use."""
+    from resnetlab.deployment.export import export_checkpoint
+
+    checkpoint_file = resolve_checkpoint_file(checkpoint)
+    folder = export_cache_dir(checkpoint_file, cache_root)
+    if is_export_dir(folder):
+        try:
+            read_export_record(folder)
+            return folder
+        except CheckpointError:
+            pass  # a damaged cache entry: export again over it
+    result = export_checkpoint(checkpoint_file, folder, fmt="onnx", dynamic_batch=True, log=lambda message: None)
+    if log is not None:
+        worst = max(p.max_abs_logits for p in result.parity)
+        log(f"exported {checkpoint_file} to ONNX for onnxruntime (cached in {folder}; parity with the eager model: "
+            f"max |logit difference| {worst:.2e})")
+    return folder
+
+
+def load_predictor(source: str | Path, *, backend: str = "auto", threads: int | None = None, device: str = "cpu",
+                   cache_root: Path | None = None, log: Callable[[str], None] | None = None) -> Predictor:
+    """A predictor for a checkpoint (file or run directory) or an export folder.
+
+    backend: ``auto`` (an export's own runtime; ONNX Runtime for a checkpoint, through a cached export), ``torch``
+        (eager, checkpoints only), ``onnxruntime`` or ``torchscript`` (exports of that format).
+    threads: intra-op threads for ONNX Runtime or torch (None: their defaults, one per core).
+    """
+    from resnetlab.deployment.export import ExportError
+
+    if backend not in BACKEND_CHOICES:
+        raise CheckpointError(f"--backend '{backend}': choose one of {', '.join(BACKEND_CHOICES)}")
+    path = Path(source)
+    if is_export_dir(path):
+        return _load_export(path, backend, threads)
+    checkpoint_file = resolve_checkpoint_file(path)
+    if backend == "torchscript":
+        raise CheckpointError(f"--backend torchscript runs a TorchScript export; make one with `resnetlab export "
+                              f"{source} --format torchscript --out DIR` and pass DIR")
+    if backend == "onnxruntime" or (backend == "auto" and onnxruntime_available()):
+        try:
+            predictor = _load_export(cached_onnx_export(checkpoint_file, cache_root=cache_root, log=log),
+                                     "onnxruntime", threads)
+            predictor.source = str(checkpoint_file)
+            return predictor
+        except ExportError as err:
+            if backend == "onnxruntime":
+                raise
+            if log is not None:
+                log(f"note: {err}; predicting with eager torch instead")
+    from resnetlab.engine.checkpoint import load_checkpoint, model_from_checkpoint
+
+    model, meta = model_from_checkpoint(load_checkpoint(checkpoint_file))
+    if threads:
+        torch.set_num_threads(threads)
+    record = record_from_meta(meta, checkpoint_sha256=file_sha256(checkpoint_file))
+    return Predictor(TorchBackend(model, device=_device(device)), record, source=str(checkpoint_file))
+
+
+def _load_export(folder: Path, backend: str, threads: int | None) -> Predictor:
+    record = read_export_record(folder)
+    artifact = record["artifact"]
+    runtime = {"onnx": "onnxruntime", "torchscript": "torchscript"}.get(artifact["format"])
+    if runtime is None:
+        raise CheckpointError(f"export '{folder}' has unknown format '{artifact['format']}'")
+    if backend not in ("auto", runtime):
+        needs = "a checkpoint" if backend == "torch" else f"an export made with --format {backend.replace('onnxruntime', 'onnx')}"
+        raise CheckpointError(f"'{folder}' is a {artifact['format']} export, which runs on --backend {runtime} "
+                              f"(or auto); --backend {backend} needs {needs}")
+    model_file = folder / artifact["file"]
+    if runtime == "onnxruntime":
+        engine: InferenceBackend = OnnxRuntimeBackend(model_file, threads=threads,
+                                                      precision=artifact.get("precision", "float32"))
+    else:
+        if threads:
+            torch.set_num_threads(threads)
+        engine = TorchScriptBackend(model_file)
+    return Predictor(engine, record, source=str(folder))
+
+
+def _device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device

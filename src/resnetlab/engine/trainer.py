@@ -1,35 +1,50 @@
 """The training loop: one epoch of batches, validation, checkpoints, early stopping, time budget and exact resume.
 
-Everything that decides the next batch is in the checkpoint (model, optimizer, schedule, grad scaler, EMA, epoch,
-step, and the RNG states from which the data order and the augmentations are drawn), so a run killed at any
-moment and resumed from ``last.pt`` continues as if it had never stopped.
+Everything that decides the next batch is in ``last.pt`` (model, optimizer, schedule, grad scaler, EMA, epoch, step,
+and the RNG states from which the data order and the augmentations are drawn), written at the end of every epoch;
+so a run killed at any moment and resumed from ``last.pt`` replays the interrupted epoch exactly and continues as
+if it had never stopped. Checkpoints are written atomically (temporary file, then rename), ``best.pt`` before
+``last.pt``, so that no kill can leave a ``last.pt`` that refers to a best checkpoint not yet on disk.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
-from resnetlab.config import RunConfig
+from resnetlab.config import LossConfig, RunConfig
 from resnetlab.data.augment import build_mixing
 from resnetlab.data.build import RunData
 from resnetlab.engine.checkpoint import build_meta, load_checkpoint, save_checkpoint
-from resnetlab.engine.optim import GradientPerturbation, create_optimizer, wrap_optimizer
+from resnetlab.engine.distributed import DistributedContext
+from resnetlab.engine.optim import GradientPerturbation, create_optimizer, frozen_norm_statistics, wrap_optimizer
 from resnetlab.engine.runtime import Runtime, rng_state, set_rng_state
 from resnetlab.engine.schedule import Schedule
+from resnetlab.errors import ConfigError
 from resnetlab.utils.io import atomic_write
 from resnetlab.utils.runlog import RunLog
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "grad_norm",
                   "epoch_seconds", "images_per_second", "ema_val_top1", "ema_val_loss", "best"]
+# metrics.csv column -> TensorBoard tag
+TENSORBOARD_TAGS = {"train_loss": "loss/train", "val_loss": "loss/val", "ema_val_loss": "loss/val_ema",
+                    "train_top1": "accuracy/train_top1", "val_top1": "accuracy/val_top1",
+                    "val_top5": "accuracy/val_top5", "ema_val_top1": "accuracy/val_ema_top1",
+                    "lr": "optim/lr", "grad_norm": "optim/grad_norm", "images_per_second": "speed/images_per_second",
+                    "epoch_seconds": "speed/epoch_seconds"}
+PREVIEW_IMAGES = 64
+PROGRESS_EVERY = 10  # batches between progress-bar statistics (each reads values back from the device)
 
 
 @dataclass
@@ -46,6 +61,7 @@ class TrainOutcome:
     epochs_run: int
     stopped_because: str
     train_seconds: float
+    best_weights: str = "raw"  # which weights best.pt (and the model after fit) hold: "raw" or "ema"
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -57,7 +73,10 @@ def evaluate_loader(model: nn.Module, batches, runtime: Runtime, *, collect: boo
     log of that average as the logits.
     """
     model.eval()
-    total_loss, correct1, correct5, count = 0.0, 0, 0, 0
+    total_loss = torch.zeros((), dtype=torch.float64, device=runtime.device)
+    correct1 = torch.zeros((), dtype=torch.int64, device=runtime.device)
+    correct5 = torch.zeros((), dtype=torch.int64, device=runtime.device)
+    count = 0
     all_logits, all_targets = [], []
     for images, targets in batches:
         images = runtime.to_input(images)
@@ -67,17 +86,17 @@ def evaluate_loader(model: nn.Module, batches, runtime: Runtime, *, collect: boo
             if tta_flip:
                 probs = (logits.softmax(dim=1) + model(images.flip(-1)).float().softmax(dim=1)) / 2
                 logits = probs.clamp(min=1e-12).log()
-        total_loss += F.cross_entropy(logits, targets, reduction="sum").item()
+        total_loss += F.cross_entropy(logits, targets, reduction="sum").double()
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
-        correct1 += (top[:, 0] == targets).sum().item()
-        correct5 += (top == targets[:, None]).any(dim=1).sum().item()
+        correct1 += (top[:, 0] == targets).sum()
+        correct5 += (top == targets[:, None]).any(dim=1).sum()
         count += targets.numel()
         if collect:
             all_logits.append(logits.cpu())
             all_targets.append(targets.cpu())
     n = max(count, 1)
-    result = EpochResult(total_loss / n, correct1 / n, correct5 / n)
+    result = EpochResult(total_loss.item() / n, correct1.item() / n, correct5.item() / n)
     if collect:
         logits = torch.cat(all_logits) if all_logits else torch.zeros(0, 0)
         targets = torch.cat(all_targets) if all_targets else torch.zeros(0, dtype=torch.long)
@@ -85,48 +104,88 @@ def evaluate_loader(model: nn.Module, batches, runtime: Runtime, *, collect: boo
     return result
 
 
+def loss_class_weights(cfg: LossConfig, train_counts: np.ndarray) -> torch.Tensor | None:
+    """Per-class cross-entropy weights: none, 'balanced' (scikit-learn's n / (k * n_c)) or the user's list."""
+    if cfg.class_weights == "none":
+        return None
+    num_classes = len(train_counts)
+    if cfg.class_weights == "balanced":
+        from sklearn.utils.class_weight import compute_class_weight
+
+        labels = np.repeat(np.arange(num_classes), np.asarray(train_counts, dtype=np.int64))
+        weights = compute_class_weight("balanced", classes=np.arange(num_classes), y=labels)
+        return torch.as_tensor(weights, dtype=torch.float32)
+    if len(cfg.class_weights) != num_classes:
+        raise ConfigError(f"loss.class_weights has {len(cfg.class_weights)} numbers but the data has {num_classes} "
+                          "classes; give one weight per class (in the class order train.log lists) or 'balanced'")
+    if any(w < 0 for w in cfg.class_weights) or not any(w > 0 for w in cfg.class_weights):
+        raise ConfigError("loss.class_weights must be non-negative with at least one positive weight")
+    return torch.as_tensor(cfg.class_weights, dtype=torch.float32)
+
+
+def create_ema(model: nn.Module, decay: float, warmup: bool) -> AveragedModel:
+    """An exponential moving average of the weights and buffers (torch's ``AveragedModel``).
+
+    With ``warmup`` the decay after ``n`` updates is ``min(decay, (1 + n) / (10 + n))`` (timm's ModelEma warm-up),
+    so that the average is not dominated by the random initial weights in short runs.
+    """
+
+    @torch.no_grad()
+    def ema_update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        n = int(num_averaged)
+        step_decay = min(decay, (1 + n) / (10 + n)) if warmup else decay
+        if averaged[0].is_floating_point():
+            torch._foreach_lerp_(averaged, current, 1 - step_decay)
+        else:  # integer buffers (BatchNorm's num_batches_tracked) follow the model
+            for avg, cur in zip(averaged, current):
+                avg.copy_(cur)
+
+    return AveragedModel(model, multi_avg_fn=ema_update, use_buffers=True)
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, data: RunData, model: nn.Module, runtime: Runtime, run_dir: Path,
-                 log: RunLog, *, model_kwargs: dict, is_main: bool = True, ddp_model: nn.Module | None = None):
+                 log: RunLog, *, model_kwargs: dict, is_main: bool = True, ddp_model: nn.Module | None = None,
+                 dist: DistributedContext | None = None):
         self.cfg = cfg
         self.data = data
-        self.model = model  # the bare model: what checkpoints hold
-        self.net = ddp_model or model  # what the forward pass goes through (DDP wrapper in multi-process runs)
+        self.model = model  # the bare model: what checkpoints hold and validation runs
+        self.net = ddp_model or model  # what training batches go through (DDP wrapper and/or torch.compile)
         self.runtime = runtime
         self.run_dir = run_dir
         self.ckpt_dir = run_dir / "checkpoints"
         self.log = log
-        self.is_main = is_main
+        self.dist = dist or DistributedContext()
+        self.is_main = is_main and self.dist.is_main
         self.model_kwargs = model_kwargs
 
         t = cfg.train
         self.base_optimizer = create_optimizer(model, cfg.optim)
         self.optimizer = wrap_optimizer(self.base_optimizer, cfg.optim)
-        steps_per_epoch = min(len(data.train), t.max_steps_per_epoch or len(data.train))
-        self.schedule = Schedule(self.base_optimizer, cfg.schedule, epochs=t.epochs, steps_per_epoch=steps_per_epoch,
-                                 base_lr=cfg.optim.lr, monitor_mode="max" if t.monitor == "val_top1" else "min")
+        self.perturbation = self.optimizer if isinstance(self.optimizer, GradientPerturbation) else None
+        self.steps_per_epoch = min(len(data.train), t.max_steps_per_epoch or len(data.train))
+        self.schedule = Schedule(self.base_optimizer, cfg.schedule, epochs=t.epochs,
+                                 steps_per_epoch=self.steps_per_epoch, base_lr=cfg.optim.lr,
+                                 monitor_mode=self._mode())
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
-        self.ema = None
-        if t.ema:
-            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)
-        weight = None
-        if cfg.loss.class_weights == "balanced":
-            counts = torch.as_tensor(data.train_counts, dtype=torch.float32).clamp(min=1)
-            weight = (counts.sum() / (len(counts) * counts)).to(runtime.device)
-        self.class_weight = weight
+        self.ema = create_ema(model, t.ema_decay, t.ema_warmup) if t.ema else None
+        weight = loss_class_weights(cfg.loss, data.train_counts)
+        self.class_weight = weight.to(runtime.device) if weight is not None else None
         self.mixing = build_mixing(data.source.num_classes, cfg.augment.mixup_alpha, cfg.augment.cutmix_alpha)
 
         self.epoch = 0  # epochs completed
         self.step = 0
         self.best_metric: float | None = None
         self.best_epoch = 0
+        self.best_weights = "raw"
         self.bad_epochs = 0
         self.train_seconds = 0.0
         self.top_k: list[tuple[float, int]] = []
+        self._epoch_metric: float | None = None
+        self._preview: torch.Tensor | None = None  # the first augmented batch this process trains on
+        self._preview_written = False
         self.writer = None
-        if cfg.logging.tensorboard and is_main:
+        if cfg.logging.tensorboard and self.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
@@ -134,7 +193,8 @@ class Trainer:
     # -- loss ---------------------------------------------------------------------------------------------------
 
     def loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        # Soft targets (mixup/cutmix) and hard targets both go through F.cross_entropy, which accepts either.
+        # Soft targets (mixup/cutmix) and hard targets both go through F.cross_entropy, which accepts either,
+        # with class weights and label smoothing alike.
         return F.cross_entropy(logits.float(), targets, weight=self.class_weight,
                                label_smoothing=self.cfg.loss.label_smoothing)
 
@@ -159,35 +219,50 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "trainer": {"epoch": self.epoch, "step": self.step, "best_metric": self.best_metric,
-                        "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
-                        "train_seconds": self.train_seconds, "top_k": [list(x) for x in self.top_k]},
+                        "best_epoch": self.best_epoch, "best_weights": self.best_weights,
+                        "bad_epochs": self.bad_epochs, "train_seconds": self.train_seconds,
+                        "top_k": [list(x) for x in self.top_k]},
             "rng": rng_state(),
             "meta": self.meta(),
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> list[str]:
+        """Restore everything from a ``last.pt`` dict; returns warnings (a schedule of another length)."""
+        warnings = []
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
+        schedule_warning = self.schedule.load_state_dict(state["schedule"])
+        if schedule_warning:
+            warnings.append(schedule_warning)
         self.scaler.load_state_dict(state["scaler"])
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema.load_state_dict(state["ema"])
+        if self.ema is not None:
+            if state.get("ema") is not None:
+                self.ema.load_state_dict(state["ema"])
+            else:
+                warnings.append("the checkpoint has no EMA weights (train.ema was off); the EMA starts now")
         tr = state["trainer"]
         self.epoch, self.step = tr["epoch"], tr["step"]
         self.best_metric, self.best_epoch, self.bad_epochs = tr["best_metric"], tr["best_epoch"], tr["bad_epochs"]
+        self.best_weights = tr.get("best_weights", "raw")
         self.train_seconds = tr["train_seconds"]
-        self.top_k = [tuple(x) for x in tr.get("top_k", [])]
+        self.top_k = [(float(m), int(e)) for m, e in tr.get("top_k", [])]
         set_rng_state(state["rng"])
+        return warnings
 
     def resume_from(self, path: Path) -> None:
-        state = load_checkpoint(path)
+        # Rank 0 reads the file and sends it to the others: the run directory need not be shared between nodes.
+        state = load_checkpoint(path) if self.dist.is_main else None
+        state = self.dist.broadcast_object(state)
         saved_epochs = state["meta"]["config"]["train"]["epochs"]
         if saved_epochs != self.cfg.train.epochs:
             self.log(f"warning: resuming a run planned for {saved_epochs} epochs with train.epochs="
-                     f"{self.cfg.train.epochs}; the schedule was built for the new length")
-        self.load_state_dict(state)
-        self._truncate_metrics(self.epoch)
-        self.log(f"resumed from {path} after epoch {self.epoch} (step {self.step})")
+                     f"{self.cfg.train.epochs}")
+        for warning in self.load_state_dict(state):
+            self.log(f"warning: {warning}")
+        if self.is_main:
+            self._truncate_metrics(self.epoch)
+        self.log(f"resumed from {path} after epoch {self.epoch} (step {self.step}, "
+                 f"{self.train_seconds:.1f}s of training so far)")
 
     # -- the loop -----------------------------------------------------------------------------------------------
 
@@ -196,6 +271,7 @@ class Trainer:
         budget_s = t.time_budget * 60 if t.time_budget else None
         stopped = "completed all epochs"
         progress = _Progress(enabled=self.is_main and not self.cfg.logging.quiet)
+        history = []
         try:
             while self.epoch < t.epochs:
                 if budget_s is not None and self.train_seconds >= budget_s:
@@ -204,31 +280,31 @@ class Trainer:
                 epoch = self.epoch + 1
                 if hasattr(self.data.train, "set_epoch"):
                     self.data.train.set_epoch(epoch)
-                train_result, seconds, images, grad_norm, out_of_time = self._train_epoch(epoch, progress, budget_s)
+                train_result, seconds, images, grad_norm, lr, out_of_time = self._train_epoch(epoch, progress, budget_s)
                 self.epoch = epoch
-                val = evaluate_loader(self.net, self.data.val, self.runtime)
-                ema_val = evaluate_loader(self.ema.module, self.data.val, self.runtime) if self.ema is not None else None
+                val, ema_val = self._validate()
                 improved, use_ema = self._track_best(val, ema_val)
                 row = {
-                    "epoch": epoch, "lr": self.schedule.current_lr(), "train_loss": train_result.loss,
+                    "epoch": epoch, "lr": lr, "train_loss": train_result.loss,
                     "train_top1": train_result.top1, "val_loss": val.loss, "val_top1": val.top1,
                     "val_top5": val.top5, "grad_norm": grad_norm, "epoch_seconds": seconds,
                     "images_per_second": images / seconds if seconds > 0 else 0.0,
                     "ema_val_top1": ema_val.top1 if ema_val else "", "ema_val_loss": ema_val.loss if ema_val else "",
                     "best": int(improved),
                 }
+                history.append(row)
                 self.schedule.step_epoch(self._monitored(val))
                 if self.is_main:
                     self._append_metrics(row)
                     self._save(improved, use_ema)
                     self._tensorboard(row)
-                    self.log(_epoch_line(row, t.epochs))
+                    self.log(_epoch_line(row, t.epochs, out_of_time))
                 if t.early_stopping_patience and self.bad_epochs >= t.early_stopping_patience:
-                    stopped = (f"early stopping: {t.monitor} did not improve by {t.early_stopping_min_delta:g} "
-                               f"for {t.early_stopping_patience} epochs")
+                    stopped = (f"early stopping: {t.monitor} did not improve by more than "
+                               f"{t.early_stopping_min_delta:g} for {t.early_stopping_patience} epochs")
                     break
                 if out_of_time:
-                    stopped = f"time budget of {t.time_budget:g} min spent"
+                    stopped = f"time budget of {t.time_budget:g} min spent (during epoch {epoch})"
                     break
                 if not math.isfinite(train_result.loss):
                     stopped = "training loss became NaN/inf; lower optim.lr"
@@ -237,49 +313,34 @@ class Trainer:
             progress.close()
             if self.writer is not None:
                 self.writer.close()
+        self._restore_best()
         return TrainOutcome(best_epoch=self.best_epoch, best_metric=self.best_metric or 0.0, epochs_run=self.epoch,
-                            stopped_because=stopped, train_seconds=self.train_seconds)
+                            stopped_because=stopped, train_seconds=self.train_seconds,
+                            best_weights=self.best_weights, history=history)
 
     def _train_epoch(self, epoch: int, progress: _Progress, budget_s: float | None):
         self.net.train()
-        runtime, t = self.runtime, self.cfg.train
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        correct = torch.zeros((), dtype=torch.int64)
-        norm_sum, norm_count, seen = 0.0, 0, 0
+        device = self.runtime.device
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        norm_sum = torch.zeros((), dtype=torch.float64, device=device)
+        norm_count = torch.zeros((), dtype=torch.int64, device=device)
+        seen = 0
+        lr = self.schedule.current_lr()
         start = time.perf_counter()
         out_of_time = False
-        max_steps = t.max_steps_per_epoch or len(self.data.train)
-        progress.start_epoch(epoch, t.epochs, min(max_steps, len(self.data.train)))
-        for batch_index, (images, targets) in enumerate(self.data.train):
-            if batch_index >= max_steps:
-                break
-            images = runtime.to_input(images)
-            targets = targets.to(runtime.device, non_blocking=True)
-            hard_targets = targets
+        progress.start_epoch(epoch, self.cfg.train.epochs, self.steps_per_epoch)
+        # islice: never draw (and augment, consuming random numbers) a batch that will not be trained on
+        for batch_index, (images, targets) in enumerate(itertools.islice(self.data.train, self.steps_per_epoch)):
+            images = self.runtime.to_input(images)
+            hard_targets = targets.to(device, non_blocking=True)
+            targets = hard_targets
             if self.mixing is not None:
-                images, targets = self.mixing(images, targets)
-
-            def forward_backward():
-                with runtime.autocast():
-                    logits = self.net(images)
-                loss = self.loss_fn(logits, targets)
-                self.scaler.scale(loss).backward()
-                return logits, loss
-
-            self.optimizer.zero_grad(set_to_none=True)
-            logits, loss = forward_backward()
-            grad_norm = self._clip_and_measure()
-            if isinstance(self.optimizer, GradientPerturbation):
-                def closure():
-                    self.optimizer.zero_grad(set_to_none=True)
-                    _, second_loss = forward_backward()
-                    self._clip_and_measure()
-                    return second_loss
-
-                self.optimizer.step(closure)
-            else:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
+                images, targets = self.mixing(images, hard_targets)
+            if self.writer is not None and self._preview is None and not self._preview_written:
+                self._preview = images[:PREVIEW_IMAGES].detach().float().cpu()
+            lr = self.schedule.current_lr()
+            logits, loss, grad_norm = self._train_step(images, targets)
             if self.ema is not None:
                 self.ema.update_parameters(self.model)
             self.schedule.step_batch()
@@ -288,101 +349,160 @@ class Trainer:
             seen += n
             loss_sum += loss.detach().double() * n
             correct += (logits.detach().argmax(dim=1) == hard_targets).sum()
-            if grad_norm is not None:
-                norm_sum += grad_norm
-                norm_count += 1
+            finite = torch.isfinite(grad_norm)
+            norm_sum += torch.where(finite, grad_norm.double(), 0.0)
+            norm_count += finite.long()
             elapsed = time.perf_counter() - start
-            progress.advance(loss=loss_sum.item() / seen, top1=correct.item() / seen, rate=seen / max(elapsed, 1e-9))
-            if budget_s is not None and self.train_seconds + elapsed >= budget_s:
-                out_of_time = True
-                break
+            if (batch_index + 1) % PROGRESS_EVERY == 0 or batch_index + 1 == self.steps_per_epoch:
+                progress.advance(batch_index + 1, loss=loss_sum.item() / seen, top1=correct.item() / seen,
+                                 rate=seen / max(elapsed, 1e-9))
+            if budget_s is not None:
+                # every rank must stop after the same batch, or DistributedDataParallel would wait forever
+                out_of_time = self.dist.any(self.train_seconds + elapsed >= budget_s)
+                if out_of_time:
+                    break
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
         self.train_seconds += seconds
-        mean_norm = norm_sum / norm_count if norm_count else float("nan")
-        return EpochResult(loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1)), seconds, seen, mean_norm, out_of_time
+        loss_total, correct_total, seen_total = self.dist.all_reduce_sum([loss_sum.item(), float(correct.item()),
+                                                                          float(seen)])
+        count = int(norm_count.item())
+        mean_norm = norm_sum.item() / count if count else float("nan")
+        result = EpochResult(loss_total / max(seen_total, 1), correct_total / max(seen_total, 1))
+        return result, seconds, int(seen_total), mean_norm, lr, out_of_time
 
-    def _clip_and_measure(self) -> float | None:
+    def _train_step(self, images: torch.Tensor, targets: torch.Tensor):
+        """One optimizer step (two forward/backward passes with SAM or the gradient-norm penalty)."""
+
+        def forward_backward():
+            with self.runtime.autocast():
+                logits = self.net(images)
+            loss = self.loss_fn(logits, targets)
+            self.scaler.scale(loss).backward()
+            return logits, loss
+
+        self.base_optimizer.zero_grad(set_to_none=True)
+        logits, loss = forward_backward()
+        if self.perturbation is not None:
+            grad_scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+            self.perturbation.perturb(grad_scale)
+            self.base_optimizer.zero_grad(set_to_none=True)
+            with frozen_norm_statistics(self.model):
+                forward_backward()
+            self.perturbation.restore(grad_scale)
+        self.scaler.unscale_(self.base_optimizer)
+        grad_norm = self._clip_gradients()
+        self.scaler.step(self.base_optimizer)
+        self.scaler.update()
+        return logits, loss, grad_norm
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """The norm of the gradient the optimizer is about to use (logged), then clipping by value and/or norm."""
         t = self.cfg.train
-        self.scaler.unscale_(self.base_optimizer) if self.scaler.is_enabled() else None
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.runtime.device)
+        norm = torch.nn.utils.get_total_norm(grads)
+        params = [p for p in self.model.parameters() if p.grad is not None]
         if t.grad_clip_value is not None:
-            torch.nn.utils.clip_grad_value_(self.model.parameters(), t.grad_clip_value)
-        max_norm = t.grad_clip_norm if t.grad_clip_norm is not None else float("inf")
-        # clip_grad_norm_ with an infinite bound only measures: the gradient norm is logged every epoch.
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        return float(norm)
+            torch.nn.utils.clip_grad_value_(params, t.grad_clip_value)
+        if t.grad_clip_norm is not None:
+            if t.grad_clip_value is None:
+                torch.nn.utils.clip_grads_with_norm_(params, t.grad_clip_norm, norm)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, t.grad_clip_norm)
+        return norm.detach()
+
+    def _validate(self) -> tuple[EpochResult, EpochResult | None]:
+        """Rank 0 validates the bare model (and the EMA) on the whole validation split; every rank gets the result."""
+        results = None
+        if self.dist.is_main:
+            val = evaluate_loader(self.model, self.data.val, self.runtime)
+            ema_val = evaluate_loader(self.ema.module, self.data.val, self.runtime) if self.ema is not None else None
+            results = (val, ema_val)
+        return self.dist.broadcast_object(results)
 
     # -- bookkeeping --------------------------------------------------------------------------------------------
+
+    def _mode(self) -> str:
+        return "max" if self.cfg.train.monitor == "val_top1" else "min"
 
     def _monitored(self, result: EpochResult) -> float:
         return result.top1 if self.cfg.train.monitor == "val_top1" else result.loss
 
+    def _better(self, a: float, b: float, margin: float = 0.0) -> bool:
+        return (a - b > margin) if self._mode() == "max" else (b - a > margin)
+
     def _track_best(self, val: EpochResult, ema_val: EpochResult | None) -> tuple[bool, bool]:
         t = self.cfg.train
-        sign = 1.0 if t.monitor == "val_top1" else -1.0
         candidate, use_ema = self._monitored(val), False
-        if ema_val is not None and sign * self._monitored(ema_val) > sign * candidate:
+        if ema_val is not None and t.ema_keep_best and self._better(self._monitored(ema_val), candidate):
             candidate, use_ema = self._monitored(ema_val), True
-        improved = self.best_metric is None or sign * (candidate - self.best_metric) > t.early_stopping_min_delta
+        improved = self.best_metric is None or self._better(candidate, self.best_metric, t.early_stopping_min_delta)
         if improved:
             self.best_metric, self.best_epoch, self.bad_epochs = candidate, self.epoch, 0
+            self.best_weights = "ema" if use_ema else "raw"
         else:
             self.bad_epochs += 1
-        self._pending_metric = candidate
+        self._epoch_metric = candidate
         return improved, use_ema
 
     def _save(self, improved: bool, use_ema: bool) -> None:
         t = self.cfg.train
-        state = self.state_dict()
-        save_checkpoint(self.ckpt_dir / "last.pt", state)
+        chosen, kind = (self.ema.module, "ema") if use_ema else (self.model, "raw")
         if improved:
-            best = {"model": (self.ema.module if use_ema else self.model).state_dict(), "meta": self.meta("ema" if use_ema else "raw")}
-            save_checkpoint(self.ckpt_dir / "best.pt", best)
-        if t.save_every and self.epoch % t.save_every == 0:
-            save_checkpoint(self.ckpt_dir / f"epoch_{self.epoch:04d}.pt", state)
+            save_checkpoint(self.ckpt_dir / "best.pt", {"model": chosen.state_dict(), "meta": self.meta(kind)})
         if t.keep_top_k > 1:
-            sign = 1.0 if t.monitor == "val_top1" else -1.0
-            self.top_k.append((self._pending_metric, self.epoch))
-            self.top_k.sort(key=lambda x: -sign * x[0])
-            keep = {e for _, e in self.top_k[: t.keep_top_k]}
-            if self.epoch in keep:
+            self.top_k.append((self._epoch_metric, self.epoch))
+            # best first; among equals the earlier epoch (a stable sort keeps the append order)
+            self.top_k.sort(key=lambda item: -item[0] if self._mode() == "max" else item[0])
+            kept = self.top_k[: t.keep_top_k]
+            if any(e == self.epoch for _, e in kept):
                 save_checkpoint(self.ckpt_dir / f"top_epoch_{self.epoch:04d}.pt",
-                                {"model": self.model.state_dict(), "meta": self.meta()})
+                                {"model": chosen.state_dict(), "meta": self.meta(kind)})
             for _, e in self.top_k[t.keep_top_k:]:
                 (self.ckpt_dir / f"top_epoch_{e:04d}.pt").unlink(missing_ok=True)
-            self.top_k = self.top_k[: t.keep_top_k]
+            self.top_k = kept
+        state = self.state_dict()
+        if t.save_every and self.epoch % t.save_every == 0:
+            save_checkpoint(self.ckpt_dir / f"epoch_{self.epoch:04d}.pt", state)
+        save_checkpoint(self.ckpt_dir / "last.pt", state)  # last: it refers to everything written above
+
+    def _restore_best(self) -> None:
+        """Load the best checkpoint's weights into the model (what early stopping promises)."""
+        best = self.ckpt_dir / "best.pt"
+        if self.dist.is_main and best.is_file():
+            state = load_checkpoint(best)
+            self.model.load_state_dict(state["model"])
+            self.best_weights = state["meta"].get("weights", "raw")
 
     def _append_metrics(self, row: dict) -> None:
         path = self.run_dir / "metrics.csv"
         rows = _read_rows(path)
         rows.append({k: _fmt(row.get(k, "")) for k in METRIC_COLUMNS})
-        with atomic_write(path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+        _write_rows(path, rows)
 
     def _truncate_metrics(self, epochs: int) -> None:
+        """Drop the rows of epochs after the checkpoint (a killed run may have logged one more)."""
         path = self.run_dir / "metrics.csv"
-        rows = [r for r in _read_rows(path) if int(r["epoch"]) <= epochs]
-        with atomic_write(path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+        _write_rows(path, [r for r in _read_rows(path) if int(r["epoch"]) <= epochs])
 
     def _tensorboard(self, row: dict) -> None:
         if self.writer is None:
             return
-        for key in ("lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "grad_norm", "images_per_second"):
+        for key, tag in TENSORBOARD_TAGS.items():
             value = row.get(key)
             if isinstance(value, (int, float)) and math.isfinite(value):
-                self.writer.add_scalar(key.replace("_", "/", 1), value, row["epoch"])
-        if row["epoch"] == 1:
+                self.writer.add_scalar(tag, value, row["epoch"])
+        if self._preview is not None and not self._preview_written:
             import torchvision
 
-            images, _ = next(iter(self.data.train))
-            mean = torch.as_tensor(self.data.prep.mean).view(1, 3, 1, 1)
-            std = torch.as_tensor(self.data.prep.std).view(1, 3, 1, 1)
-            grid = torchvision.utils.make_grid((images[:64] * std + mean).clamp(0, 1), nrow=8)
-            self.writer.add_image("augmented_batch", grid, 1)
+            mean = torch.as_tensor(self.data.prep.mean, dtype=torch.float32).view(1, 3, 1, 1)
+            std = torch.as_tensor(self.data.prep.std, dtype=torch.float32).view(1, 3, 1, 1)
+            images = (self._preview.contiguous() * std + mean).clamp(0, 1)
+            self.writer.add_image("augmented_batch", torchvision.utils.make_grid(images, nrow=8), row["epoch"])
+            self._preview, self._preview_written = None, True
         self.writer.flush()
 
 
@@ -393,15 +513,23 @@ def _read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    with atomic_write(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS, extrasaction="ignore", restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     return str(value)
 
 
-def _epoch_line(row: dict, epochs: int) -> str:
+def _epoch_line(row: dict, epochs: int, out_of_time: bool = False) -> str:
     ema = f" ema_val_top1 {row['ema_val_top1']:.4f}" if isinstance(row["ema_val_top1"], float) else ""
-    return (f"epoch {row['epoch']}/{epochs} lr {row['lr']:.3g} train_loss {row['train_loss']:.4f} "
+    partial = " (partial: time budget)" if out_of_time else ""
+    return (f"epoch {row['epoch']}/{epochs}{partial} lr {row['lr']:.3g} train_loss {row['train_loss']:.4f} "
             f"train_top1 {row['train_top1']:.4f} val_loss {row['val_loss']:.4f} val_top1 {row['val_top1']:.4f} "
             f"val_top5 {row['val_top5']:.4f}{ema} grad_norm {row['grad_norm']:.3g} {row['epoch_seconds']:.1f}s "
             f"{row['images_per_second']:.0f} img/s{' *best*' if row['best'] else ''}")
@@ -428,9 +556,9 @@ class _Progress:
             self.bar.remove_task(self.task)
         self.task = self.bar.add_task(f"epoch {epoch}/{epochs}", total=batches, stats="")
 
-    def advance(self, *, loss: float, top1: float, rate: float) -> None:
+    def advance(self, completed: int, *, loss: float, top1: float, rate: float) -> None:
         if self.bar is not None:
-            self.bar.update(self.task, advance=1, stats=f"loss {loss:.3f} top1 {top1:.3f} {rate:.0f} img/s")
+            self.bar.update(self.task, completed=completed, stats=f"loss {loss:.3f} top1 {top1:.3f} {rate:.0f} img/s")
 
     def close(self) -> None:
         if self.bar is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import os
 import platform
 import shutil
@@ -15,7 +16,7 @@ import torch
 
 import resnetlab
 from resnetlab.config import RunConfig
-from resnetlab.data.build import RunData, build_run_data
+from resnetlab.data.build import RunData, build_run_data, eval_batches_for_table
 from resnetlab.data.datasets import open_dataset
 from resnetlab.data.records import DatasetSource
 from resnetlab.data.splits import SplitPlan
@@ -38,6 +39,11 @@ def prepare_run_dir(out: Path, *, overwrite: bool, resume: bool) -> None:
     if resume:
         if not (out / "checkpoints" / "last.pt").is_file():
             raise ConfigError(f"--resume '{out}': no checkpoints/last.pt there to resume from")
+        # A run killed while writing leaves the temporary file of that write behind (the checkpoint it was
+        # replacing is intact): remove such leftovers.
+        for leftover in itertools.chain(out.glob(".*.tmp"), (out / "checkpoints").glob(".*.tmp"),
+                                        (out / "eval").glob(".*.tmp")):
+            leftover.unlink(missing_ok=True)
         return
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out '{out}' is a file; choose a folder")
@@ -90,7 +96,7 @@ def train_job(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: boo
     ``source``/``plan`` replace reading and splitting ``cfg.data`` (tuning passes each fold's split); ``evaluate``
     and ``report`` can be turned off for runs whose test split is not to be looked at (k-fold trials).
     """
-    dist = init_distributed()
+    dist = init_distributed(cfg.train.device)
     if dist.is_main:
         prepare_run_dir(out, overwrite=overwrite, resume=resume)
     dist.barrier()
@@ -109,15 +115,28 @@ def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, *, 
     from resnetlab.models import resolve_model_name
 
     resolve_model_name(cfg.model.name)
+    data_cfg = per_rank_config(cfg, dist.world_size)
     source = source or open_dataset(cfg.data)
     runtime = resolve_runtime(cfg.train, local_rank=dist.local_rank if dist.enabled else None)
-    seed_everything(cfg.train.seed + dist.rank, cfg.train.deterministic)
+    # The same seed on every rank: the in-memory batches draw their order from the global RNG, and the ranks must
+    # agree on it to take disjoint shards of one permutation (as DistributedSampler does with its shared seed).
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
     log(f"resnetlab {resnetlab.__version__}, torch {torch.__version__}: {runtime.describe()}")
+    if dist.enabled:
+        log(f"distributed: {dist.world_size} processes ({torch.distributed.get_backend()}), global batch "
+            f"{cfg.data.batch_size} = {dist.world_size} x {data_cfg.data.batch_size} per process"
+            f"{', SyncBatchNorm' if cfg.train.sync_bn else ''}")
     if dist.is_main:
         write_text(out / "config.yaml", cfg.to_yaml())
 
-    data = build_run_data(cfg, rank=dist.rank, world_size=dist.world_size, pin_memory=runtime.device.type == "cuda",
-                          log=log, source=source, plan=plan)
+    data = build_run_data(data_cfg, rank=dist.rank, world_size=dist.world_size,
+                          pin_memory=runtime.device.type == "cuda", log=log, source=source, plan=plan)
+    if dist.enabled and dist.is_main:
+        # Rank 0 validates and tests on the whole splits, not on its shard of them.
+        data.val = eval_batches_for_table(data.plan.val, data.prep, cfg.data.eval_batch_size,
+                                          on_bad_image=cfg.data.on_bad_image, split="val")[0]
+        data.test = eval_batches_for_table(data.plan.test, data.prep, cfg.data.eval_batch_size,
+                                           on_bad_image=cfg.data.on_bad_image, split="test")[0]
     class_map = ", ".join(f"{i}={cid}" + (f" ({name})" if str(cid) != name else "")
                           for i, (cid, name) in enumerate(zip(data.source.class_ids, data.source.class_names)))
     log(f"classes ({data.source.num_classes}): {class_map}")
@@ -134,7 +153,7 @@ def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, *, 
         net = torch.compile(net)
         log("torch.compile: on (the first steps include compilation)")
     trainer = Trainer(cfg, data, model, runtime, out, log, model_kwargs=model_kwargs_of(cfg), is_main=dist.is_main,
-                      ddp_model=net if net is not model else None)
+                      ddp_model=net if net is not model else None, dist=dist)
     if resume:
         trainer.resume_from(out / "checkpoints" / "last.pt")
     outcome = trainer.fit()
@@ -145,7 +164,7 @@ def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, *, 
         dist.close()
         return out
     if not evaluate:
-        _write_run_info(out, cfg, runtime, data, model, outcome, started, "raw", dist, origin)
+        _write_run_info(out, cfg, runtime, data, model, outcome, started, outcome.best_weights, dist, origin)
         dist.close()
         return out
 
@@ -166,6 +185,19 @@ def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, *, 
         log(f"report: {md} and {html}")
     dist.close()
     return out
+
+
+def per_rank_config(cfg: RunConfig, world_size: int) -> RunConfig:
+    """The config each process builds its data from: ``data.batch_size`` is the global batch, split over ranks.
+
+    So a recipe's batch size and learning rate mean the same thing with 1 or N processes.
+    """
+    if world_size <= 1:
+        return cfg
+    if cfg.data.batch_size % world_size:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is the global batch and must divide evenly over "
+                          f"{world_size} processes; choose a multiple of {world_size}")
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"batch_size": cfg.data.batch_size // world_size})})
 
 
 def roi_image_loader(data: RunData):
@@ -212,6 +244,7 @@ def _write_run_info(out: Path, cfg: RunConfig, runtime, data: RunData, model, ou
         "channels_last": runtime.channels_last,
         "runtime_choices": runtime.reasons,
         "world_size": dist.world_size,
+        "global_batch_size": cfg.data.batch_size,
         "start_time": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
         "end_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "total_seconds": round(time.time() - started, 2),

@@ -1,0 +1,178 @@
+"""Inference backends: one call, normalized float32 NCHW batch in, float32 logits out.
+
+Preprocessing is not a backend's business (the :class:`~resnetlab.deployment.predictor.Predictor` does it with the
+shared code), so two backends given the same tensor can be compared number for number.
+
+=============  ===================================================================================================
+torch          the eager model rebuilt from a checkpoint; optionally bf16 autocast, channels_last, torch.compile
+onnxruntime    an ONNX export on ONNX Runtime's CPU provider (the default deployment path: about 6x faster than
+               eager float32 at batch 1 for ResNet-20 on our 2-core CPU, see docs/benchmarks.md)
+torchscript    a traced and frozen TorchScript export
+=============  ===================================================================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from resnetlab.errors import CheckpointError
+
+BACKENDS = ("torch", "onnxruntime", "torchscript")
+
+
+class InferenceBackend:
+    name: str = ""
+    precision: str = "float32"
+
+    def run(self, batch: torch.Tensor) -> torch.Tensor:
+        """Normalized float32 [B, 3, S, S] -> float32 logits [B, C] on the CPU."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "precision": self.precision}
+
+
+class TorchBackend(InferenceBackend):
+    """An eager (or compiled) torch model.
+
+    ``precision="bf16"`` runs under CPU/GPU autocast; ``channels_last`` converts model and input; ``compile`` wraps
+    the model in ``torch.compile`` with inductor's weight freezing (constant-folded weights, the fastest inductor
+    inference mode in ``shared/cpu-perf.md``). Each new batch size compiles once (``dynamic=False``).
+    """
+
+    name = "torch"
+
+    def __init__(self, model: nn.Module, *, device: str | torch.device = "cpu", precision: str = "float32",
+                 channels_last: bool = False, compile: bool = False):
+        if precision not in ("float32", "bf16"):
+            raise ValueError(f"precision must be float32 or bf16, not {precision!r}")
+        self.device = torch.device(device)
+        self.precision = precision
+        self.channels_last = channels_last
+        self.compiled = compile
+        model = model.eval().to(self.device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = torch.compile(model, dynamic=False, options={"freezing": True}) if compile else model
+
+    def _autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def run(self, batch: torch.Tensor) -> torch.Tensor:
+        # no_grad rather than inference_mode: inference_mode made NCHW float32 ResNet-20 slower at batch 1 (cpu-perf.md)
+        with torch.no_grad(), self._autocast():
+            x = batch.to(self.device)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            return self.model(x).float().cpu()
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "precision": self.precision, "channels_last": self.channels_last,
+                "compiled": self.compiled, "device": str(self.device)}
+
+
+class OnnxRuntimeBackend(InferenceBackend):
+    """An ONNX model on ONNX Runtime's CPU provider, with all graph optimizations.
+
+    ``threads`` sets ``intra_op_num_threads`` (None: ONNX Runtime's default, one per physical core). A model
+    exported with a fixed batch of 1 is run image by image.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, path: str | Path, *, threads: int | None = None, precision: str = "float32"):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1  # a ResNet is a chain of ops: nothing to run side by side
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph/NoSuchFile types
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"ONNX Runtime cannot load '{path}': {first[:300]}") from None
+        model_input = self.session.get_inputs()[0]
+        self.input_name = model_input.name
+        self.output_name = self.session.get_outputs()[0].name
+        batch_dim = model_input.shape[0]
+        self.fixed_batch = batch_dim if isinstance(batch_dim, int) else None
+        self.path = Path(path)
+        self.threads = threads
+        self.precision = precision
+
+    def run(self, batch: torch.Tensor) -> torch.Tensor:
+        array = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)
+        if self.fixed_batch is None or self.fixed_batch == len(array):
+            return torch.from_numpy(self.session.run([self.output_name], {self.input_name: array})[0])
+        if self.fixed_batch != 1:
+            raise CheckpointError(f"'{self.path}' takes batches of exactly {self.fixed_batch}; re-export with "
+                                  "--dynamic-batch")
+        outputs = [self.session.run([self.output_name], {self.input_name: array[i : i + 1]})[0]
+                   for i in range(len(array))]
+        return torch.from_numpy(np.concatenate(outputs))
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "precision": self.precision, "file": self.path.name,
+                "fixed_batch": self.fixed_batch, "threads": self.threads or "default",
+                "onnxruntime_version": _onnxruntime_version()}
+
+
+class TorchScriptBackend(InferenceBackend):
+    name = "torchscript"
+
+    def __init__(self, path: str | Path):
+        try:
+            with quiet_torchscript_warnings():
+                self.module = torch.jit.load(str(path), map_location="cpu").eval()
+        except (RuntimeError, ValueError) as err:
+            raise CheckpointError(f"cannot load TorchScript model '{path}': {str(err).splitlines()[0][:300]}") from None
+        self.path = Path(path)
+
+    def run(self, batch: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.module(batch.cpu()).float()
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "precision": self.precision, "file": self.path.name}
+
+
+def _onnxruntime_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def onnxruntime_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def default_threads(workers: int = 1) -> int:
+    """Threads per process when ``workers`` processes share this machine's cores (no oversubscription)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, workers))
+
+
+@contextlib.contextmanager
+def quiet_torchscript_warnings():
+    """torch.jit.trace/freeze/load warn that TorchScript is deprecated in favour of torch.compile; it still works."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        yield

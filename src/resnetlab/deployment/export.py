@@ -1,0 +1,240 @@
+"""``resnetlab export``: a checkpoint -> an export folder (model file + ``preprocessing.json``), parity-checked.
+
+The folder holds ``model.onnx`` (ONNX, through torch's dynamo exporter, which needs onnxscript) or ``model.ts``
+(TorchScript, traced and frozen), and ``preprocessing.json``, the deployment record of
+:mod:`resnetlab.deployment.records` with an ``artifact`` entry (format, opset, batch, precision, parity).
+
+Before anything is written the export is run beside the eager model on the same normalized images, at batch 1 and,
+for a batch-dynamic model, at batch N; the largest absolute logit difference is reported and anything above 1e-4
+(float32) stops the export. An int8 model (``quantize="int8"``, ONNX Runtime static quantization) cannot meet that
+bar by design, so its float32 parent is checked instead and its accuracy change is measured on real images and
+recorded. Files are staged in a hidden folder inside ``out_dir`` and moved into place only when all checks pass.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from resnetlab.data.preprocessing import Preprocessing, normalize
+from resnetlab.deployment.backends import (
+    InferenceBackend,
+    OnnxRuntimeBackend,
+    TorchBackend,
+    TorchScriptBackend,
+    quiet_torchscript_warnings,
+)
+from resnetlab.deployment.records import (
+    INPUT_NAME,
+    MODEL_FILES,
+    OUTPUT_NAME,
+    RECORD_FILE,
+    file_sha256,
+    record_from_meta,
+)
+from resnetlab.errors import ResnetlabError
+from resnetlab.utils.io import write_json
+
+DEFAULT_OPSET = 18  # the dynamo exporter's native opset (torch 2.14); lower ones go through onnx's version converter
+PARITY_ATOL = 1e-4  # float32: largest absolute logit difference an export may have from the eager model
+DEFAULT_PARITY_BATCH = 8
+MAX_DYNAMIC_BATCH = 4096
+FORMATS = ("onnx", "torchscript")
+
+
+class ExportError(ResnetlabError):
+    """An export that could not be made or failed its parity check."""
+
+
+@dataclass
+class ParityResult:
+    batch_size: int
+    max_abs_logits: float
+    max_abs_probabilities: float
+    top1_agreement: float
+
+    def line(self) -> str:
+        return (f"parity at batch {self.batch_size}: max |logit difference| {self.max_abs_logits:.2e}, "
+                f"max |probability difference| {self.max_abs_probabilities:.2e}, top-1 agreement "
+                f"{self.top1_agreement:.0%}")
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    model_path: Path
+    record: dict[str, Any]
+    parity: list[ParityResult]
+    quantization: dict[str, Any] | None = None
+
+
+def parity_images(prep: Preprocessing, batch_size: int, seed: int = 0) -> torch.Tensor:
+    """Random uint8 images of the model's input size: pixel values a real image can have, reproducible by seed."""
+    generator = torch.Generator().manual_seed(seed)
+    size = prep.input_size
+    return torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, generator=generator)
+
+
+def compare_backends(reference: InferenceBackend, candidate: InferenceBackend, x: torch.Tensor) -> ParityResult:
+    """Both backends on the same normalized batch ``x``."""
+    expected, actual = reference.run(x), candidate.run(x)
+    if actual.shape != expected.shape:
+        raise ExportError(f"the export returns shape {tuple(actual.shape)} for a batch of {len(x)}, the eager model "
+                          f"{tuple(expected.shape)}")
+    return ParityResult(
+        batch_size=len(x),
+        max_abs_logits=float((actual - expected).abs().max()),
+        max_abs_probabilities=float((actual.softmax(1) - expected.softmax(1)).abs().max()),
+        top1_agreement=float((actual.argmax(1) == expected.argmax(1)).float().mean()),
+    )
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:300]
+
+
+def export_onnx(model: nn.Module, path: Path, input_size: int, *, dynamic_batch: bool, opset: int) -> int:
+    """Write ``model`` as ONNX (input ``input`` [batch, 3, S, S] -> output ``logits``); return the opset written."""
+    try:
+        import onnxscript  # noqa: F401  (torch's dynamo exporter needs it; fail with a clear message, not deep inside)
+    except ImportError:
+        raise ExportError("ONNX export needs the onnxscript package: pip install onnxscript") from None
+    import onnx
+
+    # A batch of 2 for a dynamic export: an example of size 1 would be specialized to a constant by torch.export.
+    example = torch.zeros(2 if dynamic_batch else 1, 3, input_size, input_size)
+    dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)},) if dynamic_batch else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset,
+                                        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                        dynamic_shapes=dynamic_shapes, verbose=False)
+            program.save(str(path))
+    except ExportError:
+        raise
+    except Exception as err:  # the exporter raises many types; the user needs the first line, not a traceback
+        raise ExportError(f"ONNX export (opset {opset}) failed: {_one_line(err)}") from None
+    written = onnx.load(str(path), load_external_data=False)
+    return max((entry.version for entry in written.opset_import if entry.domain in ("", "ai.onnx")), default=opset)
+
+
+def export_torchscript(model: nn.Module, path: Path, input_size: int) -> None:
+    """Trace and freeze ``model`` (frozen: weights become constants, batch norm is folded into the convolutions)."""
+    example = torch.zeros(1, 3, input_size, input_size)
+    try:
+        with quiet_torchscript_warnings(), torch.no_grad():
+            traced = torch.jit.trace(model, example, check_trace=False)
+            frozen = torch.jit.freeze(traced)
+            torch.jit.save(frozen, str(path))
+    except Exception as err:
+        raise ExportError(f"TorchScript export failed: {_one_line(err)}") from None
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, fmt: str = "onnx", dynamic_batch: bool = False,
+                      opset: int = DEFAULT_OPSET, parity_batch: int = DEFAULT_PARITY_BATCH, atol: float = PARITY_ATOL,
+                      quantize: str | None = None, calibration_data: str | None = None,
+                      log: Callable[[str], None] = print) -> ExportResult:
+    """Export a checkpoint (file or run directory) into ``out_dir``; see the module docstring."""
+    from resnetlab.deployment.predictor import resolve_checkpoint_file
+    from resnetlab.engine.checkpoint import load_checkpoint, model_from_checkpoint, preprocessing_from_meta
+
+    if fmt not in FORMATS:
+        raise ExportError(f"--format '{fmt}': choose onnx or torchscript")
+    if quantize not in (None, "int8"):
+        raise ExportError(f"--quantize '{quantize}': the only quantization is int8")
+    if quantize and fmt != "onnx":
+        raise ExportError("--quantize int8 works on ONNX exports (through ONNX Runtime); use --format onnx")
+    if parity_batch < 2:
+        raise ExportError(f"--parity-batch {parity_batch}: use 2 or more (batch 1 is always checked)")
+    checkpoint_file = resolve_checkpoint_file(checkpoint)
+    model, meta = model_from_checkpoint(load_checkpoint(checkpoint_file))
+    prep = preprocessing_from_meta(meta)
+    record = record_from_meta(meta, checkpoint_sha256=file_sha256(checkpoint_file))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".export-"))
+    try:
+        result = _export_into(staging, model, meta, prep, record, fmt=fmt, dynamic_batch=dynamic_batch, opset=opset,
+                              parity_batch=parity_batch, atol=atol, quantize=quantize,
+                              calibration_data=calibration_data, log=log)
+        # The record goes last: a folder with preprocessing.json is a complete export.
+        for stale in MODEL_FILES.values():
+            if stale != result.model_path.name:
+                (out_dir / stale).unlink(missing_ok=True)
+        final_model = out_dir / result.model_path.name
+        result.model_path.replace(final_model)
+        (staging / RECORD_FILE).replace(out_dir / RECORD_FILE)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    result.out_dir, result.model_path = out_dir, final_model
+    log(f"wrote {final_model} and {out_dir / RECORD_FILE}")
+    return result
+
+
+def _export_into(staging: Path, model: nn.Module, meta: dict, prep: Preprocessing, record: dict, *, fmt: str,
+                 dynamic_batch: bool, opset: int, parity_batch: int, atol: float, quantize: str | None,
+                 calibration_data: str | None, log: Callable[[str], None]) -> ExportResult:
+    size = prep.input_size
+    model_path = staging / MODEL_FILES[fmt]
+    if fmt == "onnx":
+        written_opset = export_onnx(model, model_path, size, dynamic_batch=dynamic_batch, opset=opset)
+        if written_opset != opset:
+            log(f"note: asked for opset {opset}, the exporter wrote opset {written_opset}")
+        exported: InferenceBackend = OnnxRuntimeBackend(model_path)
+    else:
+        written_opset = None
+        export_torchscript(model, model_path, size)
+        exported = TorchScriptBackend(model_path)
+        dynamic_batch = True  # a traced convolutional net takes any batch; checked at batch N below
+
+    reference = TorchBackend(model)
+    mean, std = torch.as_tensor(prep.mean), torch.as_tensor(prep.std)
+    batch_sizes = [1, parity_batch] if dynamic_batch else [1]
+    parity = []
+    for batch_size in batch_sizes:
+        x = normalize(parity_images(prep, batch_size, seed=batch_size), mean, std)
+        result = compare_backends(reference, exported, x)
+        log(result.line())
+        parity.append(result)
+    worst = max(p.max_abs_logits for p in parity)
+    if not worst <= atol:  # also catches NaN
+        raise ExportError(f"{fmt} export failed its parity check: max |logit difference| from the eager model is "
+                          f"{worst:.2e}, above the float32 tolerance {atol:.0e}; nothing was written")
+
+    quantization = None
+    precision = "float32"
+    if quantize == "int8":
+        from resnetlab.deployment.quantize import quantize_checkpoint_export
+
+        quantization = quantize_checkpoint_export(model_path, model_path, reference, meta, prep,
+                                                  calibration_data=calibration_data, log=log)
+        precision = "int8"
+
+    record["artifact"] = {
+        "format": fmt,
+        "file": model_path.name,
+        "precision": precision,
+        "opset": written_opset,
+        "dynamic_batch": dynamic_batch,
+        "batch_size": None if dynamic_batch else 1,
+        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch_version": str(torch.__version__),
+        "parity": {"reference": "eager float32 model from the checkpoint", "inputs": "random uint8 images, normalized",
+                   "tolerance": atol, "checks": [asdict(p) for p in parity],
+                   "checked_model": "the float32 model before int8 quantization" if quantize else "this model"},
+        "quantization": quantization,
+    }
+    write_json(staging / RECORD_FILE, record)
+    return ExportResult(out_dir=staging, model_path=model_path, record=record, parity=parity,
+                        quantization=quantization)

@@ -1,0 +1,106 @@
+"""The k folds a tune scores every setting on, built once from the base config.
+
+What is cross-validated is the data's training split: the same ``train`` table an ordinary run of the base config
+would train on (the data's validation hold-out and its test split stay out). The folds are stratified by class
+and, where the data has groups (GTSRB tracks), keep each group whole, so no frame of a validation sign is ever in
+that fold's training part. Each fold is handed to the training job as a ready-made :class:`SplitPlan` whose test
+split is empty: the test images are not even loaded while tuning. Normalization statistics are computed by the
+data layer from the plan's ``train`` table, that is, from each fold's training part alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from resnetlab.config import RunConfig
+from resnetlab.data.datasets import open_dataset
+from resnetlab.data.records import DatasetSource, SampleTable
+from resnetlab.data.splits import SplitPlan, kfold_indices, plan_splits, use_groups
+from resnetlab.errors import DataError
+
+
+@dataclass
+class CrossValidation:
+    source: DatasetSource
+    data_plan: SplitPlan  # the base config's own train/val/test split
+    folds: list[tuple[np.ndarray, np.ndarray]]  # (train, val) indices into data_plan.train
+    grouped: bool
+
+    @property
+    def table(self) -> SampleTable:
+        """The table that is cross-validated: the data's training split."""
+        return self.data_plan.train
+
+    @property
+    def n_folds(self) -> int:
+        return len(self.folds)
+
+    def fold_plan(self, index: int) -> SplitPlan:
+        train, val = self.folds[index]
+        kind = f"grouped by {self.source.group_kind or 'group'}" if self.grouped else "stratified"
+        empty = SampleTable([], np.zeros(0, dtype=np.int64))
+        return SplitPlan(
+            train=self.table.subset(train), val=self.table.subset(val), test=empty,
+            strategy=f"fold {index + 1} of {self.n_folds} ({kind} k-fold of the training split)",
+            sources={"train": f"the other {self.n_folds - 1} folds of the training split",
+                     "val": f"fold {index + 1} of the training split",
+                     "test": "none (the test split is not used while tuning)"})
+
+    def refit_plan(self) -> SplitPlan:
+        """A fresh copy of the data's own split (the data layer may drop unreadable files from the plan it gets)."""
+        plan = self.data_plan
+        return SplitPlan(train=plan.train, val=plan.val, test=plan.test, strategy=plan.strategy,
+                         sources=dict(plan.sources))
+
+    def fingerprint(self) -> str:
+        """A hash of what is cross-validated and how it is cut, to tell a resumed tune that the data changed."""
+        digest = hashlib.sha1(self.table.fingerprint().encode())
+        for train, val in self.folds:
+            digest.update(val.tobytes())
+        return digest.hexdigest()[:16]
+
+    def describe(self) -> str:
+        sizes = ", ".join(f"{len(train)}/{len(val)}" for train, val in self.folds)
+        how = f"stratified-grouped by {self.source.group_kind or 'group'}" if self.grouped else "stratified"
+        return (f"{self.n_folds}-fold {how} cross-validation of the training split ({len(self.table)} images); "
+                f"train/val images per fold: {sizes}")
+
+
+def build_cross_validation(cfg: RunConfig, n_folds: int, seed: int | None = None) -> CrossValidation:
+    """Read the data of ``cfg`` once and cut its training split into ``n_folds`` leak-free folds."""
+    source = open_dataset(cfg.data)
+    data_plan = plan_splits(source.splits, strategy=cfg.data.split, val_fraction=cfg.data.val_fraction,
+                            test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed,
+                            group_kind=source.group_kind)
+    table = data_plan.train
+    grouped = use_groups(table, cfg.data.split)
+    if grouped:
+        n_groups = len(set(table.groups.tolist()))
+        if n_groups < n_folds:
+            raise DataError(f"the training split has only {n_groups} {source.group_kind or 'group'}s, fewer than the "
+                            f"{n_folds} folds asked for; use fewer --folds")
+    folds = kfold_indices(table, n_folds, cfg.data.split_seed if seed is None else seed, grouped)
+    present = np.flatnonzero(table.class_counts(source.num_classes) > 0)
+    for index, (train, _) in enumerate(folds):
+        missing = np.setdiff1d(present, np.unique(table.labels[train]))
+        if len(missing):
+            names = [source.class_names[i] for i in missing[:5]]
+            raise DataError(f"fold {index + 1} of {n_folds} has no training images of class(es) {names}: too few "
+                            f"{source.group_kind or 'sample'}s of them to spread over {n_folds} folds; use fewer "
+                            "--folds or drop those classes with data.classes")
+    return CrossValidation(source=source, data_plan=data_plan, folds=folds, grouped=grouped)
+
+
+def fold_config(cfg: RunConfig, *, n_folds: int, trial_budget_minutes: float | None) -> RunConfig:
+    """The config a fold trains with: the setting's, quiet, and with its share of the trial's time budget."""
+    tree = copy.deepcopy(cfg.to_dict())
+    tree["logging"]["quiet"] = True
+    if trial_budget_minutes is not None:
+        share = trial_budget_minutes / n_folds
+        own = tree["train"].get("time_budget")
+        tree["train"]["time_budget"] = share if own is None else min(own, share)
+    return RunConfig.model_validate(tree)
