@@ -49,7 +49,7 @@ class DataConfig(_Section):
     normalize: Literal["dataset", "imagenet", "none"] = Field(
         "dataset", description="Mean/std from the training split ('dataset') or ImageNet's (pretrained models)"
     )
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(128, ge=1, description="Global batch; split evenly over torchrun processes")
     eval_batch_size: int = Field(256, ge=1)
     in_memory: Literal["auto", "always", "never"] = Field(
         "auto", description="Decode the dataset once into a uint8 tensor (auto: when input_size <= 64)"
@@ -117,7 +117,8 @@ class ScheduleConfig(_Section):
 class LossConfig(_Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     class_weights: Literal["none", "balanced"] | list[float] = Field(
-        "none", description="Per-class loss weights: none, balanced (inverse training frequency) or one number per class"
+        "none", description="Per-class loss weights: none, balanced (inverse training frequency) or one number per "
+        "class"
     )
 
 
@@ -144,7 +145,9 @@ class TrainConfig(_Section):
     time_budget: float | None = Field(None, gt=0, description="Minutes of training, then stop cleanly")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="Stop each epoch after this many batches (smoke tests)")
     save_every: int | None = Field(None, ge=1, description="Also keep checkpoints/epoch_N.pt every N epochs")
-    keep_top_k: int = Field(1, ge=1)
+    keep_top_k: int = Field(
+        1, ge=1, description="Also keep the k best epochs as checkpoints/top_epoch_N.pt (1: best.pt only)"
+    )
     sync_bn: bool = Field(False, description="SyncBatchNorm across processes in torchrun runs (CUDA only)")
 
 

@@ -1,17 +1,187 @@
-"""``resnetlab data ...``: dataset tools."""
+"""``resnetlab data ...``: dataset tools (inspect, stats, split, profile, synth, formats)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
-data_app = typer.Typer(help="Dataset tools: generate the synthetic set.", no_args_is_help=True)
+data_app = typer.Typer(help="Dataset tools: inspect a dataset, channel statistics, split class folders, profile "
+                            "the input pipeline, generate the synthetic set.", no_args_is_help=True)
+
+OVERRIDES_HELP = "Config overrides with dotted keys, e.g. data.input_size=64 data.classes=[2,3]"
 
 
 def register(app: typer.Typer) -> None:
     app.add_typer(data_app, name="data")
+
+
+def _config(spec: str | None, recipe: str | None, overrides: list[str] | None):
+    """The run config these tools look at the data through: a recipe (default: none, i.e. the config defaults),
+    then --data, then KEY=VALUE overrides, exactly as `resnetlab train` resolves them."""
+    from resnetlab.config import build_config
+    from resnetlab.recipes import load_recipe
+
+    base = load_recipe(recipe) if recipe else {}
+    return build_config(base, {"data.spec": spec}, list(overrides or []))
+
+
+def _echo_err(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+@data_app.command("formats")
+def data_formats() -> None:
+    """List the dataset formats --data accepts."""
+    from resnetlab.data.formats import dataset_formats
+
+    for prefix, help_text in dataset_formats().items():
+        typer.echo(f"{prefix}{'' if prefix == 'synthetic-signs' else ':PATH'}\t{help_text}")
+
+
+@data_app.command("inspect")
+def data_inspect(
+    spec: Annotated[str, typer.Argument(help="Dataset spec, e.g. gtsrb:PATH, folder:PATH, csv:FILE, cifar10:PATH")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(metavar="[KEY=VALUE]...", help=OVERRIDES_HELP, show_default=False)] = None,
+    recipe: Annotated[Optional[str], typer.Option("--recipe", "-r", help="Look at the data as this recipe would (splits, input size)")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write inspect.json, samples_per_class.png (and bad_images.csv) here")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+    samples: Annotated[int, typer.Option("--samples", help="Samples per class in the grid")] = 8,
+) -> None:
+    """Images per class and split, image sizes, imbalance, groups, unusable files, and a grid of samples per class."""
+    from resnetlab.cli.render import print_table
+    from resnetlab.data.inspect import inspect_dataset
+
+    cfg = _config(spec, recipe, overrides)
+    result = inspect_dataset(cfg, out_dir=out, samples_per_class=samples, log=_echo_err)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, default=str))
+        return
+    sizes = result["image_sizes"]
+    typer.echo(f"{result['spec']}: {result['images']} images, {result['num_classes']} classes; split "
+               f"{result['split_strategy']} (val: {result['split_sources'].get('val')}; test: "
+               f"{result['split_sources'].get('test')})")
+    print_table("images per class", ["index", "id", "name", "train", "val", "test", "total"],
+                [[c["index"], c["id"], c["name"], c["train"], c["val"], c["test"], c["total"]] for c in result["classes"]])
+    split_sizes = ", ".join(f"{k} {v}" for k, v in result["split_sizes"].items())
+    typer.echo(f"splits: {split_sizes}")
+    typer.echo(f"imbalance ratio (largest / smallest class): train {result['imbalance_ratio']}, "
+               f"all splits {result['imbalance_ratio_all']}")
+    if result["group_kind"]:
+        typer.echo(f"groups ({result['group_kind']}): " + ", ".join(f"{k} {v}" for k, v in result["groups"].items()))
+    else:
+        typer.echo("groups: none (samples are split independently)")
+    if sizes.get("width"):
+        typer.echo(f"image width {sizes['width']}, height {sizes['height']}, aspect {sizes['aspect_ratio']}")
+        typer.echo("shorter side: " + ", ".join(f"{k}: {v}" for k, v in sizes["shorter_side_histogram"].items() if v))
+        typer.echo(f"modes {sizes['modes']}, formats {sizes['formats']}")
+    if "roi_width" in sizes:
+        typer.echo(f"ROI width {sizes['roi_width']}, height {sizes['roi_height']}")
+    for note in result["notes"]:
+        typer.echo(f"note: {note}")
+    problems = result["problems"]
+    if problems:
+        typer.echo(f"{len(problems)} sample(s) cannot be used:")
+        for item in problems[:20]:
+            typer.echo(f"  [{item['split']}] {item['path']}: {item['reason']}")
+        if len(problems) > 20:
+            typer.echo(f"  ... and {len(problems) - 20} more" + (" (all in bad_images.csv)" if out else " (--out DIR lists all)"))
+    else:
+        typer.echo("no unusable samples found (file headers read; a run decodes every file before training)")
+    if out:
+        typer.echo(f"wrote {', '.join(result['files'].values())}")
+
+
+@data_app.command("stats")
+def data_stats(
+    spec: Annotated[str, typer.Argument(help="Dataset spec, e.g. gtsrb:PATH")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(metavar="[KEY=VALUE]...", help=OVERRIDES_HELP, show_default=False)] = None,
+    recipe: Annotated[Optional[str], typer.Option("--recipe", "-r", help="Use this recipe's split and input size")] = None,
+    per_class: Annotated[bool, typer.Option("--per-class", help="Also mean and std of each class")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """Per-channel mean and std of the training split (what data.normalize=dataset uses), cached by fingerprint."""
+    from resnetlab.cli.render import print_table
+    from resnetlab.data.stats import compute_dataset_stats
+
+    cfg = _config(spec, recipe, overrides)
+    stats = compute_dataset_stats(cfg, per_class=per_class, log=_echo_err)
+    if as_json:
+        typer.echo(json.dumps(stats.to_dict(), indent=2))
+        return
+    o = stats.overall
+    scope = f"a seeded sample of {o.images}" if stats.sampled else f"all {o.images}"
+    typer.echo(f"{stats.spec}: training split ({stats.split}), {scope} of {stats.train_images} images at "
+               f"{stats.input_size} px ({stats.resize}{', ROI-cropped' if stats.roi_crop else ''})")
+    typer.echo(f"mean {_triple(o.mean)}\nstd  {_triple(o.std)}")
+    if stats.per_class:
+        print_table("per class", ["index", "id", "name", "images", "mean (R, G, B)", "std (R, G, B)"],
+                    [[c["index"], c["id"], c["name"], c["images"], _triple(c["mean"]), _triple(c["std"])]
+                     for c in stats.per_class])
+
+
+def _triple(values) -> str:
+    return "-" if values is None else "(" + ", ".join(f"{v:.4f}" for v in values) + ")"
+
+
+@data_app.command("split")
+def data_split(
+    src: Annotated[Path, typer.Argument(help="A folder with one sub-folder per class")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="New folder to write train/ and test/ into")],
+    test_fraction: Annotated[float, typer.Option("--test-fraction", help="Share of each class that goes to test/")] = 0.2,
+    seed: Annotated[int, typer.Option("--seed", help="Shuffling seed")] = 0,
+) -> None:
+    """Split class folders per class into OUT/train and OUT/test (hard links where possible, else copies)."""
+    from resnetlab.data.split_folders import split_class_folders
+
+    result = split_class_folders(src, out, test_fraction=test_fraction, seed=seed)
+    train = sum(c["train"] for c in result.counts.values())
+    test = sum(c["test"] for c in result.counts.values())
+    for note in result.notes:
+        typer.echo(f"note: {note}", err=True)
+    how = f"{result.linked} hard-linked" + (f", {result.copied} copied" if result.copied else "")
+    typer.echo(f"{len(result.counts)} classes: train {train}, test {test} images ({how}) -> {result.out}")
+
+
+@data_app.command("profile")
+def data_profile(
+    data: Annotated[str, typer.Option("--data", "-d", help="Dataset spec, e.g. gtsrb:PATH")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(metavar="[KEY=VALUE]...", help=OVERRIDES_HELP, show_default=False)] = None,
+    recipe: Annotated[Optional[str], typer.Option("--recipe", "-r", help="Recipe whose pipeline and model to time (default: demo)")] = None,
+    files: Annotated[int, typer.Option("--files", help="Training files to time the per-file stages on")] = 256,
+    batches: Annotated[int, typer.Option("--batches", help="Batches to time the batch stages on")] = 20,
+    steps: Annotated[int, typer.Option("--steps", help="Training steps to time")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """Time each pipeline stage (read, decode, crop, augment, collate) against the model's training step."""
+    from resnetlab.cli.main import fail
+    from resnetlab.cli.render import print_table
+    from resnetlab.config import build_config
+    from resnetlab.data.profile import profile_pipeline
+    from resnetlab.recipes import load_recipe
+
+    if min(files, batches, steps) < 1:
+        fail("--files, --batches and --steps must be at least 1")
+    cfg = build_config(load_recipe(recipe or "demo"), {"data.spec": data}, list(overrides or []))
+    result = profile_pipeline(cfg, files=files, batches=batches, train_steps=steps, log=_echo_err)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    print_table(f"{result.spec} at {result.input_size} px, {result.pipeline} pipeline, batch {result.batch_size}",
+                ["stage", "µs / image", "images / s", "what"],
+                [[s.name, f"{s.microseconds_per_image:,.1f}", f"{s.images_per_second:,.0f}", s.note] for s in result.stages])
+    if result.one_off_images_per_second is not None:
+        typer.echo(f"read + decode + crop run once (then cached on disk): {result.one_off_images_per_second:,.0f} img/s "
+                   "on one thread")
+    typer.echo(f"pipeline: {result.pipeline_images_per_second:,.0f} img/s; training step ({result.model}, "
+               f"{result.conditions['precision']}, channels_last {result.conditions['channels_last']}): "
+               f"{result.train_images_per_second:,.0f} img/s")
+    typer.echo(f"ratio {result.ratio:.1f}x: {result.verdict()}")
+    c = result.conditions
+    typer.echo(f"conditions: {c['cpu_count']} CPU(s), {c['torch_threads']} torch thread(s), load average "
+               f"{c['load_average']}, device {c['device']}, torch {c['torch']}, {c['time']}")
 
 
 @data_app.command("synth")
@@ -29,5 +199,3 @@ def data_synth(
         fail("--per-class must be at least 1")
     path = generate_synthetic_signs(out, per_class=per_class, seed=seed, workers=workers)
     typer.echo(str(path))
-
-

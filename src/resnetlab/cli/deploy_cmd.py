@@ -1,7 +1,65 @@
-"""(being written)"""
+"""``resnetlab export`` and ``resnetlab serve``: a checkpoint to a deployable file, and to an HTTP service."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("export")(export)
+    app.command("serve")(serve)
+
+
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint (.pt) or a run directory")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Export folder: model file + preprocessing.json")],
+    export_format: Annotated[str, typer.Option("--format", "-f", help="onnx or torchscript")] = "onnx",
+    dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Accept any batch size (ONNX; TorchScript always does)")] = False,
+    opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset (default 18)")] = None,
+    parity_batch: Annotated[int, typer.Option("--parity-batch", help="Batch N of the parity check besides batch 1")] = 8,
+    quantize: Annotated[Optional[str], typer.Option("--quantize", help="int8: static quantization through ONNX Runtime")] = None,
+    calibration_data: Annotated[Optional[str], typer.Option("--calibration-data", help="Dataset spec for int8 calibration and its accuracy check (default: the training data)")] = None,
+) -> None:
+    """Export a checkpoint to ONNX or TorchScript, checked against the eager model (fails above 1e-4)."""
+    from resnetlab.cli.main import fail
+    from resnetlab.deployment.export import DEFAULT_OPSET, export_checkpoint
+
+    if export_format not in ("onnx", "torchscript"):
+        fail(f"--format '{export_format}': choose onnx or torchscript")
+    if opset is not None and export_format != "onnx":
+        fail("--opset applies to ONNX exports only")
+    if calibration_data is not None and quantize is None:
+        fail("--calibration-data is used with --quantize int8")
+    if out.exists() and not out.is_dir():
+        fail(f"--out '{out}' is a file; pass a folder")
+    result = export_checkpoint(checkpoint, out, fmt=export_format, dynamic_batch=dynamic_batch,
+                               opset=opset or DEFAULT_OPSET, parity_batch=parity_batch, quantize=quantize,
+                               calibration_data=calibration_data, log=lambda m: typer.echo(m, err=True))
+    worst = max(p.max_abs_logits for p in result.parity)
+    typer.echo(f"max |logit difference| from the eager model: {worst:.2e} "
+               f"(batch {', '.join(str(p.batch_size) for p in result.parity)}) -> {result.out_dir}")
+
+
+def serve(
+    source: Annotated[Path, typer.Argument(help="A checkpoint (.pt), a run directory or an export folder")],
+    host: Annotated[str, typer.Option("--host", help="Address to bind; other than loopback exposes the service")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", "-p")] = 8000,
+    workers: Annotated[int, typer.Option("--workers", "-w", help="Worker processes (the cores are shared among them)")] = 1,
+    backend: Annotated[str, typer.Option("--backend", help="auto (ONNX Runtime), torch, onnxruntime or torchscript")] = "auto",
+    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="Largest request body; larger ones get 413")] = 10.0,
+) -> None:
+    """Serve the model over HTTP: a web page at /, POST /predict, GET /health and GET /model."""
+    from resnetlab.cli.main import fail
+    from resnetlab.deployment.service import serve as run_service
+
+    if workers < 1:
+        fail("--workers must be at least 1")
+    if not 0 < port < 65536:
+        fail(f"--port {port}: choose 1-65535")
+    if max_upload_mb <= 0:
+        fail("--max-upload-mb must be positive")
+    run_service(source, host=host, port=port, workers=workers, backend=backend,
+                max_upload_bytes=int(max_upload_mb * 1024 * 1024), log=lambda m: typer.echo(m, err=True))

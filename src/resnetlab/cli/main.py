@@ -7,6 +7,7 @@ one line on stderr naming the file, field or value at fault.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -45,21 +46,40 @@ def _root(ctx: typer.Context) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# The options that describe a run, shared by `train` and `tune` (where they are the base of every trial).
+OverridesArg = Annotated[Optional[list[str]], typer.Argument(metavar="[KEY=VALUE]...", help="Config overrides with dotted keys, e.g. optim.lr=0.01 data.classes=[2,3,14,17]", show_default=False)]
+RecipeOption = Annotated[Optional[str], typer.Option("--recipe", "-r", help="Shipped recipe name or a YAML file (default: demo)", rich_help_panel=RUN)]
+DataOption = Annotated[Optional[str], typer.Option("--data", "-d", help="Dataset: synthetic-signs, gtsrb:PATH, folder:PATH", rich_help_panel=DATA)]
+BatchSizeOption = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Training batch size", rich_help_panel=DATA)]
+ModelOption = Annotated[Optional[str], typer.Option("--model", "-m", help="Model name (see `resnetlab models`)", rich_help_panel=MODEL)]
+EpochsOption = Annotated[Optional[int], typer.Option("--epochs", "-e", help="Number of epochs", rich_help_panel=TRAINING)]
+SeedOption = Annotated[Optional[int], typer.Option("--seed", help="Random seed", rich_help_panel=TRAINING)]
+DeviceOption = Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda", rich_help_panel=TRAINING)]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or log on the console", rich_help_panel=OUTPUT)]
+
+
+def run_flags(*, data: str | None, batch_size: int | None, model: str | None, epochs: int | None, seed: int | None,
+              device: str | None, quiet: bool) -> dict:
+    """The named run options as dotted config keys (None: not given, the recipe's value stands)."""
+    return {"data.spec": data, "data.batch_size": batch_size, "model.name": model, "train.epochs": epochs,
+            "train.seed": seed, "train.device": device, "logging.quiet": True if quiet else None}
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 def train(
     ctx: typer.Context,
-    overrides: Annotated[Optional[list[str]], typer.Argument(metavar="[KEY=VALUE]...", help="Config overrides with dotted keys, e.g. optim.lr=0.01 data.classes=[2,3,14,17]", show_default=False)] = None,
-    recipe: Annotated[Optional[str], typer.Option("--recipe", "-r", help="Shipped recipe name or a YAML file (default: demo)", rich_help_panel=RUN)] = None,
-    data: Annotated[Optional[str], typer.Option("--data", "-d", help="Dataset: synthetic-signs, gtsrb:PATH, folder:PATH", rich_help_panel=DATA)] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Training batch size", rich_help_panel=DATA)] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model name (see `resnetlab models`)", rich_help_panel=MODEL)] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", "-e", help="Number of epochs", rich_help_panel=TRAINING)] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed", rich_help_panel=TRAINING)] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda", rich_help_panel=TRAINING)] = None,
+    overrides: OverridesArg = None,
+    recipe: RecipeOption = None,
+    data: DataOption = None,
+    batch_size: BatchSizeOption = None,
+    model: ModelOption = None,
+    epochs: EpochsOption = None,
+    seed: SeedOption = None,
+    device: DeviceOption = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default runs/<recipe>-<time>)", rich_help_panel=OUTPUT)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out", rich_help_panel=OUTPUT)] = False,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this directory from its last checkpoint", rich_help_panel=RUN)] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or log on the console", rich_help_panel=OUTPUT)] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Train a model, evaluate it on the test split and write the report (defaults: the offline demo)."""
     from resnetlab.config import build_config, load_yaml
@@ -75,12 +95,13 @@ def train(
         out = resume
     else:
         base = load_recipe(recipe or "demo")
-    flags = {"data.spec": data, "data.batch_size": batch_size, "model.name": model, "train.epochs": epochs,
-             "train.seed": seed, "train.device": device, "logging.quiet": True if quiet else None}
+    flags = run_flags(data=data, batch_size=batch_size, model=model, epochs=epochs, seed=seed, device=device,
+                      quiet=quiet)
     cfg = build_config(base, flags, list(overrides or []) + list(ctx.args))
     run_dir = out or default_run_dir(cfg.recipe)
     train_job(cfg, run_dir, overwrite=overwrite, resume=resume is not None)
-    typer.echo(str(run_dir))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, only rank 0 answers
+        typer.echo(str(run_dir))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -119,25 +140,34 @@ def evaluate(
 
 @app.command()
 def predict(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint (.pt) or a run directory")],
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT|EXPORT_DIR", help="A checkpoint (.pt), a run directory or an export folder")],
     inputs: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns")],
     topk: Annotated[int, typer.Option("--topk", "-k", help="Classes to show per image")] = 5,
     output_format: Annotated[str, typer.Option("--format", "-f", help="table, csv or json")] = "table",
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images decoded and predicted together")] = 64,
     tta: Annotated[bool, typer.Option("--tta", help="Average with the mirror image (only for models trained with flips)")] = False,
+    backend: Annotated[str, typer.Option("--backend", help="auto (ONNX Runtime, exporting a checkpoint once into the cache), torch, onnxruntime or torchscript")] = "auto",
 ) -> None:
     """Predict the classes of images, with confidences. Exit code 1 if any file could not be read."""
-    from resnetlab.deployment.predictor import Predictor, expand_inputs
+    from resnetlab.deployment.predictor import BACKEND_CHOICES, expand_inputs, load_predictor
     from resnetlab.cli.render import print_predictions
 
     if output_format not in ("table", "csv", "json"):
         fail(f"--format '{output_format}': choose table, csv or json")
     if topk < 1:
         fail("--topk must be at least 1")
+    if batch_size < 1:
+        fail("--batch-size must be at least 1")
+    if backend not in BACKEND_CHOICES:
+        fail(f"--backend '{backend}': choose {', '.join(BACKEND_CHOICES)}")
     paths = expand_inputs(inputs)
     if not paths:
         fail(f"no image files found in {' '.join(inputs)}")
-    predictor = Predictor(checkpoint)
+    predictor = load_predictor(checkpoint, backend=backend, log=lambda m: typer.echo(m, err=True))
+    if tta and predictor.record.get("test_time_flip") is False:
+        typer.echo("note: this model was trained without mirrored images (mirror-image classes), so --tta is off",
+                   err=True)
+        tta = False
     results = predictor.predict_paths(paths, topk=topk, batch_size=batch_size, tta_flip=tta)
     print_predictions(results, output_format)
     failed = [r for r in results if r.error]

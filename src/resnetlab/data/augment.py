@@ -247,12 +247,15 @@ class BatchAugment:
             matrix[:, 2, 0] = uniform(-p.perspective, p.perspective)
             matrix[:, 2, 1] = uniform(-p.perspective, p.perspective)
         size_h, size_w = batch.shape[-2:]
-        ys = torch.linspace(-1, 1, size_h, device=device)
-        xs = torch.linspace(-1, 1, size_w, device=device)
-        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
-        base = torch.stack([grid_x, grid_y, torch.ones_like(grid_x)], dim=-1).view(1, -1, 3)
-        warped = base @ matrix.transpose(1, 2)
-        grid = (warped[..., :2] / warped[..., 2:].clamp(min=1e-3)).view(n, size_h, size_w, 2)
+        if not p.perspective:  # affine: one fused call builds the sampling grid
+            grid = F.affine_grid(matrix[:, :2, :].to(batch.dtype), list(batch.shape), align_corners=True)
+        else:  # projective: x' = (m0 x + m1 y + m2) / (m6 x + m7 y + 1), written out (cheaper than a batched matmul)
+            xs = torch.linspace(-1, 1, size_w, device=device).view(1, 1, -1)
+            ys = torch.linspace(-1, 1, size_h, device=device).view(1, -1, 1)
+            m = matrix.view(n, 9, 1, 1)
+            denominator = (m[:, 6] * xs + m[:, 7] * ys + 1).clamp(min=1e-3)
+            grid = torch.stack([(m[:, 0] * xs + m[:, 1] * ys + m[:, 2]) / denominator,
+                                (m[:, 3] * xs + m[:, 4] * ys + m[:, 5]) / denominator], dim=-1).to(batch.dtype)
         # Zeros outside the image, as torchvision's RandomAffine/RandomPerspective fill (fill=0) in the file pipeline;
         # reflection would paint mirrored copies of a sign's rim into the corners.
         return F.grid_sample(batch, grid.to(batch.dtype), mode="bilinear", padding_mode="zeros", align_corners=True)

@@ -10,7 +10,14 @@ import numpy as np
 import torch
 
 from resnetlab.config import RunConfig
-from resnetlab.data.augment import BatchAugment, build_file_transform, get_policy
+from resnetlab.data.augment import (
+    BatchAugment,
+    MirrorSwap,
+    batch_stage,
+    build_file_transform,
+    build_per_image,
+    get_policy,
+)
 from resnetlab.data.datasets import open_dataset
 from resnetlab.data.pipeline import (
     IN_MEMORY_MAX_SIZE,
@@ -27,6 +34,7 @@ from resnetlab.data.pipeline import (
 from resnetlab.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from resnetlab.data.records import DatasetSource, SampleTable
 from resnetlab.data.splits import SplitPlan, plan_splits
+from resnetlab.errors import ConfigError, DataError
 
 
 @dataclass
@@ -72,8 +80,10 @@ def build_run_data(cfg: RunConfig, *, rank: int = 0, world_size: int = 1, pin_me
         f"(val: {plan.sources['val']}; test: {plan.sources['test']})")
     prep = base_preprocessing(cfg)
     in_memory = uses_memory(cfg)
-    bad: dict[str, list[BadImage]] = {}
+    # Rows the reader could not use (on_bad_image=skip; with error open_dataset has stopped already).
+    bad: dict[str, list[BadImage]] = {name: list(rows) for name, rows in source.rejected.items()}
     policy = get_policy(cfg.augment.preset, random_erasing=cfg.augment.random_erasing)
+    mirror = _mirror_swap(cfg, source, policy, log)
     num_classes = source.num_classes
 
     if in_memory:
@@ -82,17 +92,18 @@ def build_run_data(cfg: RunConfig, *, rank: int = 0, world_size: int = 1, pin_me
             table = getattr(plan, name)
             decoded[name] = decode_split(table, prep, threads=torch.get_num_threads())
             report_bad_images(decoded[name].bad, cfg.data.on_bad_image, name)
-            bad[name] = decoded[name].bad
+            bad[name] = bad.get(name, []) + decoded[name].bad
             if decoded[name].bad:  # skip mode: the plan's tables follow what was decoded
                 setattr(plan, name, table.subset(decoded[name].kept))
         mean, std = _normalization(cfg, lambda: channel_stats(decoded["train"].images))
     else:
         for name in ("train", "val", "test"):
             table = getattr(plan, name)
-            bad[name] = check_files_readable(table, threads=max(2, torch.get_num_threads()))
-            report_bad_images(bad[name], cfg.data.on_bad_image, name)
-            if bad[name]:
-                broken = {b.path for b in bad[name]}
+            unreadable = check_files_readable(table, threads=max(2, torch.get_num_threads()))
+            report_bad_images(unreadable, cfg.data.on_bad_image, name)
+            bad[name] = bad.get(name, []) + unreadable
+            if unreadable:
+                broken = {b.path for b in unreadable}
                 setattr(plan, name, table.subset([i for i, p in enumerate(table.paths) if p not in broken]))
         mean, std = _normalization(cfg, lambda: file_stats(plan.train, prep, seed=cfg.data.split_seed))
     prep = Preprocessing(**{**prep.__dict__, "mean": tuple(mean), "std": tuple(std)})
@@ -101,8 +112,6 @@ def build_run_data(cfg: RunConfig, *, rank: int = 0, world_size: int = 1, pin_me
     train_counts = plan.train.class_counts(num_classes)
     empty = [source.class_names[i] for i in np.flatnonzero(train_counts == 0)]
     if empty:
-        from resnetlab.errors import DataError
-
         raise DataError(f"class(es) {empty} have no training images after splitting; add images or drop the class "
                         "with data.classes")
     weights = None
@@ -111,10 +120,12 @@ def build_run_data(cfg: RunConfig, *, rank: int = 0, world_size: int = 1, pin_me
 
     batch, eval_batch = cfg.data.batch_size, cfg.data.eval_batch_size
     if in_memory:
-        augment = None if cfg.augment.preset == "none" else BatchAugment(policy)
+        augment = None if cfg.augment.preset == "none" and not policy.erasing else BatchAugment(policy)
+        per_image = build_per_image(randaugment=cfg.augment.randaugment, trivialaugment=cfg.augment.trivialaugment)
         common = dict(mean=prep.mean, std=prep.std, rank=rank, world_size=world_size)
         train = TensorBatches(decoded["train"].images, decoded["train"].labels, batch, shuffle=True,
-                              drop_last=len(plan.train) > batch, augment=augment, sample_weights=weights, **common)
+                              drop_last=len(plan.train) > batch, augment=augment, sample_weights=weights,
+                              per_image=per_image, mirror=mirror, **common)
         val = TensorBatches(decoded["val"].images, decoded["val"].labels, eval_batch, **common)
         test = TensorBatches(decoded["test"].images, decoded["test"].labels, eval_batch, **common)
     else:
@@ -124,11 +135,32 @@ def build_run_data(cfg: RunConfig, *, rank: int = 0, world_size: int = 1, pin_me
         common = dict(mean=prep.mean, std=prep.std, num_workers=workers, pin_memory=pin_memory, rank=rank,
                       world_size=world_size, seed=cfg.train.seed)
         train = FileBatches(FileImageDataset(plan.train, prep, transform), batch, shuffle=True,
-                            drop_last=len(plan.train) > batch, sample_weights=weights, **common)
+                            drop_last=len(plan.train) > batch, sample_weights=weights,
+                            batch_augment=batch_stage(policy), mirror=mirror, **common)
         val = FileBatches(FileImageDataset(plan.val, prep), eval_batch, shuffle=False, drop_last=False, **common)
         test = FileBatches(FileImageDataset(plan.test, prep), eval_batch, shuffle=False, drop_last=False, **common)
     return RunData(source=source, plan=plan, prep=prep, train=train, val=val, test=test,
                    train_counts=train_counts, in_memory=in_memory, bad=bad)
+
+
+def _mirror_swap(cfg: RunConfig, source: DatasetSource, policy, log: Callable[[str], None]) -> MirrorSwap | None:
+    pairs = ", ".join(f"{a}/{b}" for a, b in source.mirror_pairs)
+    if not cfg.augment.mirror_swap:
+        if policy.hflip and source.mirror_pairs:
+            log(f"warning: augment.preset={cfg.augment.preset} flips images horizontally, but classes {pairs} are "
+                "mirror images of each other, so their flipped images get the wrong label; use a preset without "
+                "flips (signs), optionally with augment.mirror_swap=true")
+        return None
+    if policy.hflip:
+        raise ConfigError(f"augment.mirror_swap=true flips mirror-image classes and swaps their labels, but "
+                          f"augment.preset={cfg.augment.preset} also flips every image without relabelling; "
+                          "choose a preset without flips (signs or none)")
+    mirror = MirrorSwap.for_classes(source.class_ids, source.mirror_pairs)
+    if mirror is None:
+        raise ConfigError(f"augment.mirror_swap=true, but {source.spec} has no pair of mirror-image classes "
+                          "(GTSRB 33/34, 36/37, 38/39, both classes of a pair present); turn it off")
+    log(f"mirror swap: flipping half the samples of classes {pairs} into their mirror class")
+    return mirror
 
 
 def _normalization(cfg: RunConfig, compute: Callable[[], tuple]) -> tuple[tuple[float, ...], tuple[float, ...]]:

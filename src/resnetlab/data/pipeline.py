@@ -156,18 +156,28 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     return tuple(round(v, 6) for v in mean.tolist()), tuple(round(v, 6) for v in std.tolist())
 
 
-def file_stats(table: SampleTable, prep: Preprocessing, max_images: int = 2000, seed: int = 0):
+STATS_MAX_IMAGES = 2000  # file-backed splits: statistics from a seeded sample of this many images
+
+
+def stats_sample(table: SampleTable, max_images: int = STATS_MAX_IMAGES, seed: int = 0) -> np.ndarray:
+    """The indices of the (seeded) sample of ``table`` that file-backed statistics are computed from."""
+    if len(table) <= max_images:
+        return np.arange(len(table))
+    return np.sort(np.random.default_rng(seed).choice(len(table), size=max_images, replace=False))
+
+
+def file_stats(table: SampleTable, prep: Preprocessing, max_images: int = STATS_MAX_IMAGES, seed: int = 0):
     """Mean and std over (a seeded sample of) a file-backed split at the model's input size; cached by fingerprint."""
-    key = hashlib.sha1(f"{table.fingerprint()}|{_geometry_key(prep)}|{max_images}|{seed}".encode()).hexdigest()[:20]
+    key = hashlib.sha1(f"{table.fingerprint()}|{files_signature(table.paths)}|{_geometry_key(prep)}|{max_images}|{seed}"
+                       .encode()).hexdigest()[:20]
     cache_file = cache_root() / "stats" / f"{key}.json"
     if cache_file.is_file():
         record = json.loads(cache_file.read_text())
         return tuple(record["mean"]), tuple(record["std"])
-    rng = np.random.default_rng(seed)
-    indices = np.sort(rng.choice(len(table), size=min(max_images, len(table)), replace=False))
+    indices = stats_sample(table, max_images, seed)
     sample = decode_split(table.subset(indices), prep, use_cache=False)
     mean, std = channel_stats(sample.images)
-    write_json(cache_file, {"mean": mean, "std": std, "images": len(indices)})
+    write_json(cache_file, {"mean": mean, "std": std, "images": len(sample.images)})
     return mean, std
 
 

@@ -53,16 +53,28 @@ def holdout_indices(table: SampleTable, fraction: float, seed: int, grouped: boo
         n_folds = max(2, int(round(1 / fraction)))
         n_groups = len(set(table.groups.tolist()))
         if n_groups < n_folds:
-            raise DataError(f"only {n_groups} groups (tracks): too few to hold out {fraction:.0%} by group; "
-                            "lower the fraction or use data.split=stratified")
+            raise DataError(f"only {n_groups} groups (tracks): too few to hold out {fraction:.0%} by group (one "
+                            f"group is already {1 / n_groups:.0%}); raise data.val_fraction/data.test_fraction to at "
+                            f"least {1 / n_groups:.2f}, or use data.split=stratified (frames of a group then land on "
+                            "both sides)")
         splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
         keep, held = next(splitter.split(np.zeros(len(table)), table.labels, table.groups))
         return np.sort(keep), np.sort(held)
     indices = np.arange(len(table))
-    counts = np.bincount(table.labels)
-    stratify = table.labels if counts[counts > 0].min() >= 2 else None
+    if len(table) < 2:
+        raise DataError(f"only {len(table)} image(s): too few to hold out {fraction:.0%} of them; add images")
+    stratify = table.labels if can_stratify(table.labels, fraction) else None
     keep, held = train_test_split(indices, test_size=fraction, random_state=seed, stratify=stratify)
     return np.sort(keep), np.sort(held)
+
+
+def can_stratify(labels: np.ndarray, fraction: float) -> bool:
+    """Whether a stratified hold-out of ``fraction`` is possible: every class needs two samples, and both sides at
+    least one sample per class (scikit-learn's conditions). Tiny sets fall back to a plain random split."""
+    counts = np.bincount(labels)
+    classes = int((counts > 0).sum())
+    held = int(np.ceil(fraction * len(labels)))
+    return counts[counts > 0].min() >= 2 and held >= classes and len(labels) - held >= classes
 
 
 @dataclass
@@ -85,6 +97,9 @@ def plan_splits(splits: dict[str, SampleTable], *, strategy: str, val_fraction: 
     train = splits["train"]
     grouped = use_groups(train, strategy)
     label = f"grouped by {group_kind or 'group'}" if grouped else "stratified"
+    if not grouped and not can_stratify(train.labels, min(f for f in (val_fraction, test_fraction) if f > 0)
+                                        if (val_fraction > 0 or test_fraction > 0) else 0.5):
+        label = "random (too few images per class to stratify)"
     sources = {"train": "dataset"}
     test = splits.get("test")
     if test is None or len(test) == 0:

@@ -236,5 +236,6 @@ def _export_into(staging: Path, model: nn.Module, meta: dict, prep: Preprocessin
         "quantization": quantization,
     }
     write_json(staging / RECORD_FILE, record)
+    (staging / RECORD_FILE).chmod(0o644)  # an artifact to ship: readable by the account that serves it
     return ExportResult(out_dir=staging, model_path=model_path, record=record, parity=parity,
                         quantization=quantization)

@@ -255,7 +255,8 @@ def _load_export(folder: Path, backend: str, threads: int | None) -> Predictor:
         raise CheckpointError(f"export '{folder}' has unknown format '{artifact['format']}'")
     if backend not in ("auto", runtime):
         needs = "a checkpoint" if backend == "torch" else f"an export made with --format {backend.replace('onnxruntime', 'onnx')}"
-        raise CheckpointError(f"'{folder}' is a {artifact['format']} export, which runs on --backend {runtime} "
+        shown = {"onnx": "an ONNX", "torchscript": "a TorchScript"}[artifact["format"]]
+        raise CheckpointError(f"'{folder}' is {shown} export, which runs on --backend {runtime} "
                               f"(or auto); --backend {backend} needs {needs}")
     model_file = folder / artifact["file"]
     if runtime == "onnxruntime":

@@ -102,8 +102,9 @@ class GradientPerturbation:
             raise RuntimeError("perturb() called twice without restore()")
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         first = [p.grad.detach() / grad_scale for p in params]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in first])) \
-            if first else torch.zeros(())
+        # the norm in at least float32, whatever the parameters' precision
+        norms = [torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32)) for g in first]
+        norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
         # No host sync: a non-finite or zero norm turns into a zero shift through torch.where.
         usable = torch.isfinite(norm) & (norm > 0)
         scale = torch.where(usable, self.radius / norm.clamp(min=1e-12), torch.zeros_like(norm))

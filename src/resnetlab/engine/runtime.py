@@ -101,10 +101,11 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     torch.manual_seed(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        # warn_only: an operation without a deterministic kernel warns instead of stopping the run.
-        torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
+    # Set both ways: several runs may share one process (tuning trials, tests).
+    # warn_only: an operation without a deterministic kernel warns instead of stopping the run.
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = deterministic
 
 
 def rng_state() -> dict:

@@ -13,6 +13,7 @@ import csv
 import itertools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,11 +147,13 @@ def create_ema(model: nn.Module, decay: float, warmup: bool) -> AveragedModel:
 class Trainer:
     def __init__(self, cfg: RunConfig, data: RunData, model: nn.Module, runtime: Runtime, run_dir: Path,
                  log: RunLog, *, model_kwargs: dict, is_main: bool = True, ddp_model: nn.Module | None = None,
-                 dist: DistributedContext | None = None):
+                 dist: DistributedContext | None = None,
+                 on_epoch_end: Callable[[int, dict[str, Any]], bool | None] | None = None):
         self.cfg = cfg
         self.data = data
         self.model = model  # the bare model: what checkpoints hold and validation runs
-        self.net = ddp_model or model  # what training batches go through (DDP wrapper and/or torch.compile)
+        # what training batches go through (the DDP wrapper and/or torch.compile of the model)
+        self.net = ddp_model if ddp_model is not None else model
         self.runtime = runtime
         self.run_dir = run_dir
         self.ckpt_dir = run_dir / "checkpoints"
@@ -158,6 +161,9 @@ class Trainer:
         self.dist = dist or DistributedContext()
         self.is_main = is_main and self.dist.is_main
         self.model_kwargs = model_kwargs
+        # Called with (epoch, metrics row) after each epoch is saved; returning False stops training there (the
+        # tuner reports to its pruner this way). In a distributed run every rank calls it and must agree.
+        self.on_epoch_end = on_epoch_end
 
         t = cfg.train
         self.base_optimizer = create_optimizer(model, cfg.optim)
@@ -274,7 +280,8 @@ class Trainer:
         history = []
         try:
             while self.epoch < t.epochs:
-                if budget_s is not None and self.train_seconds >= budget_s:
+                # any(): the ranks' clocks differ slightly, and all of them must stop before the same epoch
+                if budget_s is not None and self.dist.any(self.train_seconds >= budget_s):
                     stopped = f"time budget of {t.time_budget:g} min spent"
                     break
                 epoch = self.epoch + 1
@@ -299,6 +306,9 @@ class Trainer:
                     self._save(improved, use_ema)
                     self._tensorboard(row)
                     self.log(_epoch_line(row, t.epochs, out_of_time))
+                if self.on_epoch_end is not None and self.on_epoch_end(epoch, row) is False:
+                    stopped = f"stopped by the caller after epoch {epoch}"
+                    break
                 if t.early_stopping_patience and self.bad_epochs >= t.early_stopping_patience:
                     stopped = (f"early stopping: {t.monitor} did not improve by more than "
                                f"{t.early_stopping_min_delta:g} for {t.early_stopping_patience} epochs")
@@ -340,7 +350,7 @@ class Trainer:
             if self.writer is not None and self._preview is None and not self._preview_written:
                 self._preview = images[:PREVIEW_IMAGES].detach().float().cpu()
             lr = self.schedule.current_lr()
-            logits, loss, grad_norm = self._train_step(images, targets)
+            logits, loss, grad_norm = self.train_step(images, targets)
             if self.ema is not None:
                 self.ema.update_parameters(self.model)
             self.schedule.step_batch()
@@ -372,7 +382,7 @@ class Trainer:
         result = EpochResult(loss_total / max(seen_total, 1), correct_total / max(seen_total, 1))
         return result, seconds, int(seen_total), mean_norm, lr, out_of_time
 
-    def _train_step(self, images: torch.Tensor, targets: torch.Tensor):
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor):
         """One optimizer step (two forward/backward passes with SAM or the gradient-norm penalty)."""
 
         def forward_backward():

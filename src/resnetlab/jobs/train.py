@@ -90,11 +90,12 @@ def build_model(cfg: RunConfig, num_classes: int, log: RunLog) -> tuple[torch.nn
 
 def train_job(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: bool = False,
               source: DatasetSource | None = None, plan: SplitPlan | None = None, evaluate: bool = True,
-              report: bool = True) -> Path:
+              report: bool = True, on_epoch_end=None) -> Path:
     """Run the whole job; returns the run directory. Raises ResnetlabError for anything the user can fix.
 
     ``source``/``plan`` replace reading and splitting ``cfg.data`` (tuning passes each fold's split); ``evaluate``
     and ``report`` can be turned off for runs whose test split is not to be looked at (k-fold trials).
+    ``on_epoch_end(epoch, row)`` is called after every epoch; returning False stops training (tuning's pruner).
     """
     dist = init_distributed(cfg.train.device)
     if dist.is_main:
@@ -104,13 +105,14 @@ def train_job(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: boo
     started = time.time()
     try:
         return _train(cfg, out, log, dist, resume=resume, started=started, source=source, plan=plan,
-                      evaluate=evaluate, report=report)
+                      evaluate=evaluate, report=report, on_epoch_end=on_epoch_end)
     finally:
         log.close()
 
 
 def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, *, resume: bool, started: float,
-           source: DatasetSource | None, plan: SplitPlan | None, evaluate: bool, report: bool) -> Path:
+           source: DatasetSource | None, plan: SplitPlan | None, evaluate: bool, report: bool,
+           on_epoch_end=None) -> Path:
     # Check what the user named before printing anything, so that a typo gets one clear line and nothing else.
     from resnetlab.models import resolve_model_name
 
@@ -153,7 +155,7 @@ def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, *, 
         net = torch.compile(net)
         log("torch.compile: on (the first steps include compilation)")
     trainer = Trainer(cfg, data, model, runtime, out, log, model_kwargs=model_kwargs_of(cfg), is_main=dist.is_main,
-                      ddp_model=net if net is not model else None, dist=dist)
+                      ddp_model=net if net is not model else None, dist=dist, on_epoch_end=on_epoch_end)
     if resume:
         trainer.resume_from(out / "checkpoints" / "last.pt")
     outcome = trainer.fit()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -29,6 +29,7 @@ class CrossValidation:
     data_plan: SplitPlan  # the base config's own train/val/test split
     folds: list[tuple[np.ndarray, np.ndarray]]  # (train, val) indices into data_plan.train
     grouped: bool
+    always_train: list[str] = field(default_factory=list)  # classes too rare to validate: in every fold's train
 
     @property
     def table(self) -> SampleTable:
@@ -66,33 +67,50 @@ class CrossValidation:
     def describe(self) -> str:
         sizes = ", ".join(f"{len(train)}/{len(val)}" for train, val in self.folds)
         how = f"stratified-grouped by {self.source.group_kind or 'group'}" if self.grouped else "stratified"
-        return (f"{self.n_folds}-fold {how} cross-validation of the training split ({len(self.table)} images); "
+        text = (f"{self.n_folds}-fold {how} cross-validation of the training split ({len(self.table)} images); "
                 f"train/val images per fold: {sizes}")
+        if self.always_train:
+            unit = f"{self.source.group_kind or 'group'}s" if self.grouped else "images"
+            shown = ", ".join(self.always_train[:6]) + (" ..." if len(self.always_train) > 6 else "")
+            text += (f". {len(self.always_train)} class(es) with fewer than {self.n_folds} {unit} stay in every "
+                     f"fold's training part and are never validated: {shown}")
+        return text
 
 
 def build_cross_validation(cfg: RunConfig, n_folds: int, seed: int | None = None) -> CrossValidation:
-    """Read the data of ``cfg`` once and cut its training split into ``n_folds`` leak-free folds."""
+    """Read the data of ``cfg`` once and cut its training split into ``n_folds`` leak-free folds.
+
+    A class with fewer groups (or, ungrouped, fewer images) than folds cannot be in every fold's training part and
+    also be validated without splitting a group; its images are kept in the training part of every fold and never
+    validated, so every model still learns every class and no group is split (the log says which classes).
+    """
     source = open_dataset(cfg.data)
     data_plan = plan_splits(source.splits, strategy=cfg.data.split, val_fraction=cfg.data.val_fraction,
                             test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed,
                             group_kind=source.group_kind)
     table = data_plan.train
     grouped = use_groups(table, cfg.data.split)
-    if grouped:
-        n_groups = len(set(table.groups.tolist()))
-        if n_groups < n_folds:
-            raise DataError(f"the training split has only {n_groups} {source.group_kind or 'group'}s, fewer than the "
-                            f"{n_folds} folds asked for; use fewer --folds")
-    folds = kfold_indices(table, n_folds, cfg.data.split_seed if seed is None else seed, grouped)
+    units = table.groups if grouped else np.arange(len(table)).astype(str)
+    per_class = [len(set(units[table.labels == c].tolist())) for c in range(source.num_classes)]
+    rare = [c for c, count in enumerate(per_class) if 0 < count < n_folds]
+    always_train = np.flatnonzero(np.isin(table.labels, rare))
+    rotated = np.setdiff1d(np.arange(len(table)), always_train)
+    if len(np.unique(table.labels[rotated])) < 2:
+        what = f"{source.group_kind or 'group'}s" if grouped else "images"
+        raise DataError(f"too few {what} per class for {n_folds} folds (most classes have fewer than {n_folds}); "
+                        "use fewer --folds")
+    folds = [(np.sort(np.concatenate([rotated[train], always_train])), rotated[val])
+             for train, val in kfold_indices(table.subset(rotated), n_folds,
+                                             cfg.data.split_seed if seed is None else seed, grouped)]
     present = np.flatnonzero(table.class_counts(source.num_classes) > 0)
     for index, (train, _) in enumerate(folds):
         missing = np.setdiff1d(present, np.unique(table.labels[train]))
         if len(missing):
             names = [source.class_names[i] for i in missing[:5]]
-            raise DataError(f"fold {index + 1} of {n_folds} has no training images of class(es) {names}: too few "
-                            f"{source.group_kind or 'sample'}s of them to spread over {n_folds} folds; use fewer "
+            raise DataError(f"fold {index + 1} of {n_folds} has no training images of class(es) {names}; use fewer "
                             "--folds or drop those classes with data.classes")
-    return CrossValidation(source=source, data_plan=data_plan, folds=folds, grouped=grouped)
+    return CrossValidation(source=source, data_plan=data_plan, folds=folds, grouped=grouped,
+                           always_train=[source.class_names[c] for c in rare])
 
 
 def fold_config(cfg: RunConfig, *, n_folds: int, trial_budget_minutes: float | None) -> RunConfig:

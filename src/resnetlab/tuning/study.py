@@ -20,6 +20,7 @@ the trials honest when workers run side by side or are killed:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -45,16 +46,28 @@ HEARTBEAT_GRACE_S = 150
 #: A trial claimed but not yet tagged with its worker this long ago was left by a worker that died while claiming.
 UNTAGGED_GRACE_S = 120
 
+@contextlib.contextmanager
+def _experimental_api():
+    """Optuna's heartbeats, retry and stale-trial helpers are marked experimental, and it expects heartbeats to be
+    used with ``study.optimize``; they are its documented way to find dead workers, and they work with ask-and-tell
+    as this module uses them (it records the heartbeats itself)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+        yield
+
+
+def ask(study: optuna.Study) -> optuna.Trial:
+    with _experimental_api():
+        return study.ask()
+
+
 SETUP_ATTR = "resnetlab_setup"
 STATUS_ATTR = "status"
 WORKER_ATTR = "worker"
 REFIT_ATTR = "refit"
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-# retried_trial_number/retry_history and RDB heartbeats are marked experimental; they are the documented way to
-# follow a retry and to detect dead workers. Heartbeats work with ask-and-tell too: this module records them.
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning, module="optuna")
-warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used", module="optuna")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -82,8 +95,9 @@ def resolve_storage(spec: str | None, tune_dir: Path):
 def _rdb_storage(url: str) -> RDBStorage:
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
     try:
-        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL_S,
-                          grace_period=HEARTBEAT_GRACE_S)
+        with _experimental_api():
+            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                              grace_period=HEARTBEAT_GRACE_S)
     except ImportError as err:
         raise ConfigError(f"--storage '{describe_storage(url)}' needs a database driver that is not installed "
                           f"({err}); install it (e.g. psycopg2 or pymysql) or use the default SQLite file") from None
@@ -232,8 +246,15 @@ def is_crashed(trial: FrozenTrial) -> bool:
 
 def root_number(trial: FrozenTrial) -> int:
     """The number of the first trial in a chain of retries (the trial itself if it is not a retry)."""
-    root = RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
+    with _experimental_api():
+        root = RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
     return trial.number if root is None else int(root)
+
+
+def retry_history(trial: FrozenTrial) -> list[int]:
+    """The numbers of the trials that this one retries, oldest first."""
+    with _experimental_api():
+        return list(RetryHeartbeatStaleTrialCallback.retry_history(trial))
 
 
 def slot_of(trial: FrozenTrial) -> tuple[str, int] | None:
@@ -321,14 +342,15 @@ def recover_dead_trials(study: optuna.Study, log=print) -> list[int]:
             dead = _worker_alive(record) is False
         if dead:
             try:
-                study.tell(trial.number, state=TrialState.FAIL)
-            except (ValueError, RuntimeError):  # another worker failed or finished it first
+                tell(study, trial.number, state=TrialState.FAIL)
+            except ValueError:  # another worker failed or finished it first
                 continue
             failed.append(trial.number)
             log(f"trial {trial.number}: its worker {worker_label(record)} is gone; it will run again")
     if _heartbeat_storage(study):
         # Workers on other machines: Optuna fails the trials whose heartbeat stopped longer than the grace period.
-        optuna.storages.fail_stale_trials(study)
+        with _experimental_api():
+            optuna.storages.fail_stale_trials(study)
     _requeue_crashed(study, log)
     return failed
 
@@ -339,22 +361,43 @@ def _heartbeat_storage(study: optuna.Study) -> bool:
 
 def _requeue_crashed(study: optuna.Study, log) -> None:
     trials = StudyView.of(study).trials
-    retried = {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
+    retried = {n for t in trials for n in retry_history(t)}
     for trial in trials:
         if is_crashed(trial) and trial.number not in retried:
             # Two workers may queue the same retry at once; the claiming rule then lets only the first one run.
-            RetryHeartbeatStaleTrialCallback()(study, trial)
+            with _experimental_api():
+                RetryHeartbeatStaleTrialCallback()(study, trial)
             log(f"trial {trial.number}: queued again with the same parameters")
 
 
+def tell(study: optuna.Study, trial: optuna.Trial | int, value: float | None = None,
+         state: TrialState | None = None) -> None:
+    """``study.tell``, outside ``study.optimize``.
+
+    The GridSampler calls ``study.stop()`` once the grid is done, which raises outside an optimize loop *after* the
+    trial's state is stored (the documented ask-and-tell caveat, optuna issue 4121); the worker loop stops on its
+    own when nothing is left, so that error is dropped here.
+    """
+    try:
+        study.tell(trial, value, state=state)
+    except RuntimeError as err:
+        if "Study.stop" not in str(err):
+            raise
+
+
 def finish_skipped(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
-    trial.set_user_attr(STATUS_ATTR, reason)
-    study.tell(trial, state=TrialState.FAIL)
+    _fail_with_status(study, trial, reason)
 
 
 def finish_error(study: optuna.Study, trial: optuna.Trial, message: str) -> None:
-    trial.set_user_attr(STATUS_ATTR, f"error: {message}")
-    study.tell(trial, state=TrialState.FAIL)
+    _fail_with_status(study, trial, f"error: {message}")
+
+
+def _fail_with_status(study: optuna.Study, trial: optuna.Trial, status: str) -> None:
+    # A trial another worker already failed (it took this worker for dead) stays as that worker left it.
+    with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError, ValueError):
+        trial.set_user_attr(STATUS_ATTR, status)
+        tell(study, trial, state=TrialState.FAIL)
 
 
 def study_is_settled(view: StudyView) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import math
 import time
 from collections.abc import Callable
@@ -69,8 +70,6 @@ def fold_result(run_dir: Path, digest: str, seconds: float) -> dict[str, Any]:
     """What a finished fold contributes: the last epoch's validation metrics, and its curve."""
     curve = read_curve(run_dir / "metrics.csv")
     info_path = run_dir / "run_info.json"
-    import json
-
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     return {
         "val_top1": curve["val_top1"][-1],
@@ -102,15 +101,14 @@ def run_trial(trial: optuna.Trial, cfg: RunConfig, cv: CrossValidation, trial_di
             results.append(stored)
             log(f"  fold {index + 1}/{cv.n_folds}: kept from the earlier attempt ({metric} {stored[metric]:.4f})")
             continue
-        resume = _can_resume(run_dir, fcfg)
+        resume = can_resume(run_dir, fcfg)
         if resume:
             _report_curve(trial, index, read_curve(run_dir / "metrics.csv"), metric)
         started = time.time()
         pruned_at: list[int] = []
 
         def on_epoch_end(epoch: int, row: dict[str, Any], fold: int = index) -> bool:
-            value = float(row[metric])
-            trial.report(value, fold * FOLD_STEP_STRIDE + epoch)
+            _report(trial, float(row[metric]), fold * FOLD_STEP_STRIDE + epoch)
             if prune.enabled and epoch > prune.warmup_epochs and trial.should_prune():
                 pruned_at.append(epoch)
                 return False  # stop this fold now; the trial is recorded as pruned
@@ -133,14 +131,16 @@ def run_trial(trial: optuna.Trial, cfg: RunConfig, cv: CrossValidation, trial_di
 
 
 def _report_curve(trial: optuna.Trial, fold: int, curve: dict[str, list[float]], metric: str) -> None:
-    reported = trial.storage.get_trial(trial._trial_id).intermediate_values if hasattr(trial, "storage") else {}
     for epoch, value in zip(curve["epoch"], curve[metric]):
-        step = fold * FOLD_STEP_STRIDE + int(epoch)
-        if step not in reported and math.isfinite(value):
-            trial.report(float(value), step)
+        _report(trial, value, fold * FOLD_STEP_STRIDE + int(epoch))
 
 
-def _can_resume(run_dir: Path, cfg: RunConfig) -> bool:
+def _report(trial: optuna.Trial, value: float, step: int) -> None:
+    if math.isfinite(value):  # a diverged epoch (NaN loss) tells the pruner nothing
+        trial.report(float(value), step)
+
+
+def can_resume(run_dir: Path, cfg: RunConfig) -> bool:
     """A fold folder left by a killed attempt of this trial, with a checkpoint of exactly this config."""
     if not (run_dir / "checkpoints" / "last.pt").is_file() or not (run_dir / "config.yaml").is_file():
         return False

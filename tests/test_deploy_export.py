@@ -1,0 +1,190 @@
+"""Export and prediction parity: a checkpoint, its ONNX and TorchScript exports and the default path agree."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from resnetlab.cli.main import main
+from resnetlab.deployment.export import ExportError, export_checkpoint
+from resnetlab.deployment.predictor import export_cache_dir, load_predictor
+from resnetlab.deployment.records import RECORD_FILE, read_export_record
+
+PARITY = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_signs, tmp_path_factory):
+    """A resnet20 trained for one short epoch on the synthetic signs, shared by the deploy test modules of a session."""
+    run = tmp_path_factory.getbasetemp() / "deploy-tiny-run"
+    checkpoint = run / "checkpoints" / "best.pt"
+    if not checkpoint.is_file():
+        code = main(["train", "--data", f"gtsrb:{tiny_signs}", "--epochs", "1", "--batch-size", "32", "--out", str(run),
+                     "--quiet", "--overwrite", "train.threads=1", "eval.gradcam=false"])
+        assert code == 0
+    return checkpoint
+
+
+@pytest.fixture(scope="module")
+def onnx_export(tiny_checkpoint, tmp_path_factory):
+    return export_checkpoint(tiny_checkpoint, tmp_path_factory.mktemp("export") / "onnx", fmt="onnx",
+                             dynamic_batch=True, log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def mixed_images(tiny_signs, tmp_path_factory):
+    """One test sign saved in the image modes users send: RGB, grey, palette, RGBA, CMYK JPEG, 16-bit grey."""
+    folder = tmp_path_factory.mktemp("modes")
+    source = Image.open(sorted((tiny_signs / "Test").glob("*.png"))[0]).convert("RGB")
+    grey16 = Image.fromarray(np.asarray(source.convert("L"), dtype=np.uint16) * 257)
+    variants = {"rgb.png": source, "grey.png": source.convert("L"), "palette.gif": source.convert("P"),
+                "alpha.png": source.convert("RGBA"), "cmyk.jpg": source.convert("CMYK"), "grey16.png": grey16,
+                "photo.jpg": source.resize((96, 80))}
+    paths = []
+    for name, image in variants.items():
+        image.save(folder / name)
+        paths.append(str(folder / name))
+    return paths
+
+
+def _by_path(predictions):
+    return {p.path: p for p in predictions}
+
+
+def _assert_same(reference, other):
+    assert reference.keys() == other.keys()
+    for path, expected in reference.items():
+        actual = other[path]
+        assert actual.error is None, actual.error
+        assert actual.indices[0] == expected.indices[0], path
+        np.testing.assert_allclose(actual.confidences, expected.confidences, atol=PARITY, err_msg=path)
+
+
+def test_onnx_export_writes_model_and_record_and_checks_parity(onnx_export, tiny_checkpoint):
+    folder = onnx_export.out_dir
+    assert sorted(p.name for p in folder.iterdir()) == ["model.onnx", RECORD_FILE]  # no staging left behind
+    record = read_export_record(folder)
+    state = torch.load(tiny_checkpoint, weights_only=True)
+    meta = state["meta"]
+    assert record["classes"] == {"ids": meta["classes"]["ids"], "names": meta["classes"]["names"]}
+    prep = record["preprocessing"]
+    for key in ("input_size", "resize", "crop_pct", "interpolation", "roi_crop", "mean", "std", "channel_order"):
+        assert prep[key] == meta["preprocessing"][key], key
+    assert record["output"]["kind"] == "logits"
+    assert record["resnetlab_version"]
+    assert record["test_time_flip"] is False  # the signs preset never mirrors (keep-left vs keep-right)
+    artifact = record["artifact"]
+    assert artifact["format"] == "onnx" and artifact["dynamic_batch"] and artifact["precision"] == "float32"
+    assert artifact["opset"] >= 13
+    checks = artifact["parity"]["checks"]
+    assert [c["batch_size"] for c in checks] == [1, 8]
+    assert all(c["max_abs_logits"] <= PARITY for c in checks)
+
+
+def test_checkpoint_exports_and_default_path_predict_the_same(tiny_checkpoint, onnx_export, mixed_images,
+                                                                 tmp_path):
+    ts_dir = tmp_path / "ts"
+    export_checkpoint(tiny_checkpoint, ts_dir, fmt="torchscript", log=lambda m: None)
+    eager = load_predictor(tiny_checkpoint, backend="torch")
+    assert eager.backend.name == "torch"
+    reference = _by_path(eager.predict_paths(mixed_images, topk=5, batch_size=4))
+    for source, backend, expected in [(onnx_export.out_dir, "auto", "onnxruntime"), (ts_dir, "auto", "torchscript"),
+                                      (tiny_checkpoint, "auto", "onnxruntime"),
+                                      (tiny_checkpoint, "onnxruntime", "onnxruntime")]:
+        predictor = load_predictor(source, backend=backend)
+        assert predictor.backend.name == expected
+        _assert_same(reference, _by_path(predictor.predict_paths(mixed_images, topk=5, batch_size=4)))
+    # the default path exported the checkpoint once, into the cache keyed by its hash
+    assert (export_cache_dir(tiny_checkpoint) / "model.onnx").is_file()
+
+
+def test_parity_failure_stops_the_export_and_writes_nothing(tiny_checkpoint, tmp_path):
+    out = tmp_path / "strict"
+    with pytest.raises(ExportError, match="parity"):
+        export_checkpoint(tiny_checkpoint, out, fmt="torchscript", atol=0.0, log=lambda m: None)
+    assert list(out.iterdir()) == []
+
+
+def test_int8_export_reports_its_accuracy_change(tiny_checkpoint, tiny_signs, mixed_images, tmp_path):
+    result = export_checkpoint(tiny_checkpoint, tmp_path / "int8", fmt="onnx", dynamic_batch=True, quantize="int8",
+                               calibration_data=f"gtsrb:{tiny_signs}", log=lambda m: None)
+    report = json.loads((result.out_dir / RECORD_FILE).read_text())["artifact"]["quantization"]
+    assert report == result.quantization
+    assert report["calibration"]["images"] > 0 and "train" in report["calibration"]["source"]
+    assert "test" in report["evaluated_on"]
+    assert report["top1_change"] == pytest.approx(report["int8_top1"] - report["float32_top1"], abs=1e-6)
+    assert 0.0 <= report["top1_agreement"] <= 1.0 and report["speedup_vs_onnxruntime_float32"] > 0
+    predictor = load_predictor(result.out_dir)
+    assert predictor.backend.precision == "int8"
+    predictions = predictor.predict_paths(mixed_images)
+    assert all(p.error is None and 0 < sum(p.confidences) <= 1 + 1e-5 for p in predictions)
+
+
+def test_static_batch_export_and_predict_from_the_cli(tiny_checkpoint, mixed_images, tmp_path, capsys):
+    out = tmp_path / "cli-onnx"
+    assert main(["export", str(tiny_checkpoint), "--format", "onnx", "--out", str(out), "--opset", "18"]) == 0
+    captured = capsys.readouterr()
+    assert "max |logit difference|" in captured.out and str(out) in captured.out
+    assert "parity at batch 1" in captured.err and "parity at batch 8" not in captured.err  # batch fixed at 1
+    record = read_export_record(out)
+    assert record["artifact"]["batch_size"] == 1 and not record["artifact"]["dynamic_batch"]
+    assert load_predictor(out).backend.fixed_batch == 1
+    # a fixed-batch model still predicts a batch of files (image by image), with the checkpoint's answers
+    code = main(["predict", str(out), *mixed_images, "--format", "json", "--topk", "3", "--batch-size", "8"])
+    exported = json.loads(capsys.readouterr().out)
+    assert code == 0
+    code = main(["predict", str(tiny_checkpoint), *mixed_images, "--format", "json", "--topk", "3",
+                 "--backend", "torch"])
+    eager = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert len(exported) == len(eager) == len(mixed_images)
+    for a, b in zip(exported, eager):
+        assert a["path"] == b["path"] and a["top"][0]["class"] == b["top"][0]["class"]
+        np.testing.assert_allclose([t["confidence"] for t in a["top"]], [t["confidence"] for t in b["top"]],
+                                   atol=PARITY)
+
+
+def test_predict_reports_a_bad_file_and_goes_on_with_an_export(onnx_export, mixed_images, tmp_path, capsys):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not really a jpeg")
+    code = main(["predict", str(onnx_export.out_dir), mixed_images[0], str(broken), "--format", "csv"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert mixed_images[0] in captured.out and "broken.jpg" not in captured.out
+    assert "broken.jpg" in captured.err
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--backend", "torch"], "needs a checkpoint"),
+    (["--backend", "torchscript"], "torchscript"),
+    (["--backend", "tensorrt"], "tensorrt"),
+])
+def test_wrong_backend_for_an_export_is_one_line_exit_2(onnx_export, mixed_images, argv, fragment, capsys):
+    code = main(["predict", str(onnx_export.out_dir), mixed_images[0], *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert fragment in err and len(err.splitlines()) == 1
+
+
+def test_export_refuses_bad_options(tiny_checkpoint, tmp_path, capsys):
+    assert main(["export", str(tiny_checkpoint), "--format", "tflite", "--out", str(tmp_path / "x")]) == 2
+    assert "tflite" in capsys.readouterr().err
+    assert main(["export", str(tiny_checkpoint), "--format", "torchscript", "--quantize", "int8",
+                 "--out", str(tmp_path / "y")]) == 2
+    assert "--format onnx" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "z")]) == 2
+    assert "missing.pt" in capsys.readouterr().err
+
+
+def test_a_damaged_export_record_is_a_clear_error(onnx_export, tmp_path, capsys):
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    shutil.copy(onnx_export.out_dir / "model.onnx", damaged / "model.onnx")
+    (damaged / RECORD_FILE).write_text("{not json")
+    assert main(["predict", str(damaged), str(damaged / "model.onnx")]) == 2
+    assert RECORD_FILE in capsys.readouterr().err
