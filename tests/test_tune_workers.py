@@ -83,6 +83,7 @@ def test_a_killed_tune_resumes_and_keeps_its_finished_trials(tiny_signs, tmp_pat
     assert main(argv) == 0
 
     second_run = log.read_text()[len(first_run):]
+    print(second_run)
     study = optuna.load_study(study_name="killed", storage=storage)
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     assert len(complete) == 4

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from resnetlab.evaluation.files import write_npz
+from resnetlab.utils.io import write_npz
 
 GRADCAM_FILENAME = "gradcam.npz"
 

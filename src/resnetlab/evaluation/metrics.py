@@ -36,7 +36,7 @@ from resnetlab.evaluation.calibration import (
     reliability_bins,
     temperature_scaling,
 )
-from resnetlab.evaluation.files import write_csv, write_csv_rows, write_json
+from resnetlab.utils.io import write_csv, write_csv_rows, write_json
 
 #: Fractions of least-confident predictions rejected for the ``error_at_reject_*`` metrics.
 REJECT_FRACTIONS: tuple[float, ...] = (0.01, 0.02, 0.05)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from resnetlab.errors import ResnetlabError
-from resnetlab.evaluation.files import write_csv, write_csv_rows
+from resnetlab.utils.io import write_csv, write_csv_rows
 from resnetlab.reporting import plots
 from resnetlab.reporting.document import Document
 from resnetlab.reporting.report import CALIBRATION_ROWS, RESULT_ROWS, best_epoch_of, format_duration, format_value

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from resnetlab.evaluation.files import atomic_write_text
+from resnetlab.utils.io import atomic_write_text
 
 
 @dataclass

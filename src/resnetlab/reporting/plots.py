@@ -18,7 +18,7 @@ from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 from PIL import Image
 
-from resnetlab.evaluation.files import atomic_write_bytes
+from resnetlab.utils.io import atomic_write_bytes
 
 DPI = 110
 CORRECT_COLOR = "#2e7d32"

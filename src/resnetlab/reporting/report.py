@@ -266,6 +266,8 @@ def _summary(doc: Document, run: RunFiles, findings: list[str]) -> None:
         rows.append(["Recipe", str(config["recipe"])])
     if info.get("num_params") is not None:
         rows.append(["Parameters", format_value(info["num_params"], "int")])
+    if info.get("model_origin"):
+        rows.append(["Initial weights", str(info["model_origin"])])
     for label, key, kind in (("Test top-1", "top1", "pct"), ("Test macro F1", "macro_f1", "pct"),
                              ("Test ECE", "ece", "float")):
         if key in metrics:
@@ -275,6 +277,8 @@ def _summary(doc: Document, run: RunFiles, findings: list[str]) -> None:
         rows.append(["Best epoch", f"{best_epoch} of {len(run.history['epoch'])} (by `{monitor}`)"])
     if info.get("train_seconds") is not None:
         rows.append(["Training time", format_duration(info["train_seconds"])])
+    if info.get("stopped_because"):
+        rows.append(["Training stopped", str(info["stopped_because"])])
     if rows:
         doc.heading("Summary")
         doc.table(["Item", "Value"], rows, ["left", "right"])
@@ -298,6 +302,8 @@ def _configuration(doc: Document, run: RunFiles) -> None:
         rows = _flatten(section) if isinstance(section, Mapping) else ([(key, section)] if section is not None else [])
         if key == "model" and info.get("num_params") is not None:
             rows.append(("parameters", format_value(info["num_params"], "int")))
+        if key == "model" and info.get("model_origin"):
+            rows.append(("initial weights", info["model_origin"]))
         if key == "data":
             rows += [(name, value) for name, value in _flatten(info) if "split" in name.lower()]
         # The section name only on its first row keeps the single table easy to scan.

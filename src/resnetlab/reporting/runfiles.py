@@ -16,7 +16,7 @@ import numpy as np
 import yaml
 
 from resnetlab.errors import ResnetlabError
-from resnetlab.evaluation.files import read_csv, read_csv_columns, read_json, to_float
+from resnetlab.utils.io import read_csv, read_csv_columns, read_json, to_float
 from resnetlab.evaluation.gradcam import GRADCAM_FILENAME, load_gradcam_npz
 
 
