@@ -207,6 +207,25 @@ def test_cifar_class_folders_and_coarse_mapping(tmp_path):
     assert labels == ["fruit_and_vegetables", "fruit_and_vegetables", "aquatic_mammals"]
 
 
+def test_cifar_download_goes_through_torchvision(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    calls = []
+
+    class FakeCIFAR10:
+        filename = "cifar-10-python.tar.gz"
+
+        def __init__(self, root, train, download):
+            calls.append((train, download))
+            make_cifar10_batches(tmp_path / "c")  # what the archive unpacks to
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    source = open_dataset(DataConfig(spec=f"cifar10:{tmp_path / 'c'}", download=True))
+    assert calls == [(True, True)] and len(source.splits["train"]) == 20
+    open_dataset(DataConfig(spec=f"cifar10:{tmp_path / 'c'}", download=True))
+    assert len(calls) == 1  # already there: no second download
+
+
 def test_cifar_without_data_says_what_is_expected(tmp_path):
     with pytest.raises(DataError, match="cifar-10-batches-py.*data.download=true"):
         open_dataset(DataConfig(spec=f"cifar10:{tmp_path}"))

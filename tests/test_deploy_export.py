@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -83,7 +84,8 @@ def test_onnx_export_writes_model_and_record_and_checks_parity(onnx_export, tiny
     assert artifact["opset"] >= 13
     checks = artifact["parity"]["checks"]
     assert [c["batch_size"] for c in checks] == [1, 8]
-    assert all(c["max_abs_logits"] <= PARITY for c in checks)
+    assert all(c["max_abs_probabilities"] <= PARITY for c in checks)
+    assert all(c["max_abs_logits"] <= PARITY * max(1.0, c["largest_logit"]) for c in checks)
 
 
 def test_checkpoint_exports_and_default_path_predict_the_same(tiny_checkpoint, onnx_export, mixed_images,
@@ -103,10 +105,22 @@ def test_checkpoint_exports_and_default_path_predict_the_same(tiny_checkpoint, o
     assert (export_cache_dir(tiny_checkpoint) / "model.onnx").is_file()
 
 
-def test_parity_failure_stops_the_export_and_writes_nothing(tiny_checkpoint, tmp_path):
-    out = tmp_path / "strict"
-    with pytest.raises(ExportError, match="parity"):
-        export_checkpoint(tiny_checkpoint, out, fmt="torchscript", atol=0.0, log=lambda m: None)
+def test_parity_failure_stops_the_export_and_writes_nothing(tiny_checkpoint, tmp_path, monkeypatch):
+    from resnetlab.deployment import export as export_module
+
+    real_export = export_module.export_torchscript
+
+    def faulty_exporter(model, path, input_size):
+        # an exporter that gets one class's logit wrong, as a dropped or misplaced layer would
+        altered = copy.deepcopy(model)
+        with torch.no_grad():
+            [p for name, p in altered.named_parameters() if name.endswith("bias")][-1][0] += 0.5
+        real_export(altered, path, input_size)
+
+    monkeypatch.setattr(export_module, "export_torchscript", faulty_exporter)
+    out = tmp_path / "faulty"
+    with pytest.raises(ExportError, match="parity check at batch 1"):
+        export_checkpoint(tiny_checkpoint, out, fmt="torchscript", log=lambda m: None)
     assert list(out.iterdir()) == []
 
 
@@ -129,7 +143,7 @@ def test_static_batch_export_and_predict_from_the_cli(tiny_checkpoint, mixed_ima
     out = tmp_path / "cli-onnx"
     assert main(["export", str(tiny_checkpoint), "--format", "onnx", "--out", str(out), "--opset", "18"]) == 0
     captured = capsys.readouterr()
-    assert "max |logit difference|" in captured.out and str(out) in captured.out
+    assert "largest difference from the eager model" in captured.out and str(out) in captured.out
     assert "parity at batch 1" in captured.err and "parity at batch 8" not in captured.err  # batch fixed at 1
     record = read_export_record(out)
     assert record["artifact"]["batch_size"] == 1 and not record["artifact"]["dynamic_batch"]

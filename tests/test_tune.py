@@ -236,3 +236,42 @@ def test_a_trial_budget_is_shared_by_the_folds():
     own = build_config({}, {}, ["train.time_budget=1"])
     assert fold_config(own, n_folds=3, trial_budget_minutes=6).train.time_budget == pytest.approx(1)
     assert fold_config(cfg, n_folds=3, trial_budget_minutes=None).logging.quiet
+
+
+def test_a_trial_cut_off_mid_fold_resumes_that_fold_from_its_checkpoint(tiny_signs, tmp_path):
+    from resnetlab.config import build_config
+    from resnetlab.tuning.folds import build_cross_validation
+    from resnetlab.tuning.trial import PruneRule, run_trial
+
+    cfg = build_config({}, {"data.spec": f"gtsrb:{tiny_signs}", "model.name": "simple_cnn", "train.epochs": 3},
+                       ["train.threads=1", "train.max_steps_per_epoch=2", "logging.quiet=true"])
+    cv = build_cross_validation(cfg, 2)
+    study = optuna.create_study(direction="maximize")
+
+    class WorkerDied(Exception):
+        pass
+
+    first = study.ask()
+    report = first.report
+
+    def die_after_epoch_2(value, step):
+        report(value, step)
+        if step == 2:
+            raise WorkerDied
+
+    first.report = die_after_epoch_2
+    with pytest.raises(WorkerDied):
+        run_trial(first, cfg, cv, tmp_path / "trial", metric="val_top1", prune=PruneRule(False, 1),
+                  trial_budget_minutes=None, log=lambda m: None)
+    fold0 = tmp_path / "trial" / "fold0"
+    assert [int(r["epoch"]) for r in read_csv(fold0 / "metrics.csv")] == [1, 2]
+
+    again = study.ask()
+    result = run_trial(again, cfg, cv, tmp_path / "trial", metric="val_top1", prune=PruneRule(False, 1),
+                       trial_budget_minutes=None, log=lambda m: None)
+    assert [int(r["epoch"]) for r in read_csv(fold0 / "metrics.csv")] == [1, 2, 3]
+    assert "resumed from" in (fold0 / "train.log").read_text()
+    assert len(result["folds"]) == 2
+    # The retry reports the whole curve, the epochs before the cut included, so the pruner sees a full trial.
+    reported = study.trials[again.number].intermediate_values
+    assert sorted(reported) == [1, 2, 3, 10_001, 10_002, 10_003]

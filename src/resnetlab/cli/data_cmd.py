@@ -149,7 +149,7 @@ def data_split(
 def data_profile(
     data: Annotated[str, typer.Option("--data", "-d", help="Dataset spec, e.g. gtsrb:PATH")],
     overrides: Annotated[Optional[list[str]], typer.Argument(metavar="[KEY=VALUE]...", help=OVERRIDES_HELP, show_default=False)] = None,
-    recipe: Annotated[Optional[str], typer.Option("--recipe", "-r", help="Recipe whose pipeline and model to time (default: demo)")] = None,
+    recipe: Annotated[Optional[str], typer.Option("--recipe", "-r", help="Recipe whose pipeline and model to time (default: the config defaults, ResNet-20 at 32 px)")] = None,
     files: Annotated[int, typer.Option("--files", help="Training files to time the per-file stages on")] = 256,
     batches: Annotated[int, typer.Option("--batches", help="Batches to time the batch stages on")] = 20,
     steps: Annotated[int, typer.Option("--steps", help="Training steps to time")] = 10,
@@ -158,13 +158,11 @@ def data_profile(
     """Time each pipeline stage (read, decode, crop, augment, collate) against the model's training step."""
     from resnetlab.cli.main import fail
     from resnetlab.cli.render import print_table
-    from resnetlab.config import build_config
     from resnetlab.data.profile import profile_pipeline
-    from resnetlab.recipes import load_recipe
 
     if min(files, batches, steps) < 1:
         fail("--files, --batches and --steps must be at least 1")
-    cfg = build_config(load_recipe(recipe or "demo"), {"data.spec": data}, list(overrides or []))
+    cfg = _config(data, recipe, overrides)
     result = profile_pipeline(cfg, files=files, batches=batches, train_steps=steps, log=_echo_err)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))

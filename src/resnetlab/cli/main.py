@@ -17,6 +17,15 @@ import typer
 
 from resnetlab.errors import ResnetlabError
 
+try:  # typer >= 0.20 carries its own copy of click, whose exceptions are not click's
+    from typer._click import exceptions as _typer_click
+except ImportError:  # older typer uses click itself
+    _typer_click = click.exceptions
+
+_EXITS = (click.exceptions.Exit, typer.Exit)
+_ABORTS = (click.exceptions.Abort, typer.Abort)
+_USAGE_ERRORS = (click.ClickException, _typer_click.ClickException)
+
 app = typer.Typer(
     name="resnetlab",
     help="From labelled images to a trained, tuned, honestly evaluated and deployable ResNet classifier.",
@@ -244,16 +253,20 @@ def main(argv: list[str] | None = None) -> int:
     except ResnetlabError as err:
         typer.echo(f"error: {err}", err=True)
         return 2
-    except click.exceptions.Exit as exit_:
+    except _EXITS as exit_:
         return exit_.exit_code
-    except click.exceptions.Abort:
+    except _ABORTS:
         typer.echo("aborted", err=True)
         return 130
-    except click.ClickException as err:
-        err.show()
+    except _USAGE_ERRORS as err:
+        if type(err).__name__ == "NoArgsIsHelpError":  # a bare group (`resnetlab data`) printed its help
+            return 0
+        # One line, like every other input error (click would add a usage block).
+        typer.echo(f"error: {err.format_message()} (see `resnetlab {' '.join(argv or sys.argv[1:2])} --help`)", err=True)
         return 2
     except KeyboardInterrupt:
-        typer.echo("interrupted; a run can be continued with `resnetlab train --resume RUN_DIR`", err=True)
+        typer.echo("interrupted; continue a training run with `resnetlab train --resume RUN_DIR`, a tune by running "
+                   "the same command again", err=True)
         return 130
     return code if isinstance(code, int) else 0
 

@@ -14,8 +14,8 @@ none       no augmentation
 cifar      4-px reflect pad, random 32 crop, horizontal flip (He et al. 2016)
 signs      small rotation (10 deg), scale/shift/shear, mild perspective, colour jitter, random erasing; **no**
            horizontal flip, which turns keep-left into keep-right (GTSRB practice, Sermanet & LeCun 2011)
-imagenet   RandomResizedCrop scale 0.08-1, horizontal flip, colour jitter 0.2/0.2/0.2/0.05 with p=0.5
-           (torchvision reference scripts)
+imagenet   RandomResizedCrop scale 0.08-1 and horizontal flip (torchvision's reference scripts), plus colour jitter
+           0.2/0.2/0.2/0.05 with p=0.5
 objects    RandomResizedCrop, horizontal flip, rotation 30 deg, colour jitter 0.2 each (photo fine-tuning tutorials)
 =========  ==================================================================================================
 
@@ -25,9 +25,10 @@ GTSRB's turn left/right ahead and keep left/right, and give them the partner's l
 
 RandAugment and TrivialAugment (``augment.randaugment`` / ``augment.trivialaugment``) are torchvision's v2
 transforms in both pipelines: per image on the PIL image in DataLoader workers, and per image on the uint8 tensors
-in memory (:class:`PerImage`: one random draw per image, as torchvision intends). That loop costs roughly 0.1 ms per
-32 px image on one core, several times less than a ResNet-20 training step spends per image, and ``resnetlab data
-profile`` shows the figure for a recipe. Differences that remain between the two pipelines: in memory, crops and
+in memory (:class:`PerImage`: one random draw per image, as torchvision intends). That Python loop is the one
+per-image cost left in the in-memory path: about 0.35-0.6 ms per 32 px image on one core of the shared 2-core
+development machine (2026-11, loaded), i.e. it turns a ~40x pipeline margin over a ResNet-20 step into ~6x;
+``resnetlab data profile ... augment.randaugment=true`` measures it for a recipe. Differences that remain between the two pipelines: in memory, crops and
 RandomResizedCrop work on the image already resized to the input size (file pipelines crop the full-resolution
 file), and RandAugment runs before the preset's geometry instead of after it.
 """

@@ -13,7 +13,6 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -63,13 +62,13 @@ def files_signature(paths: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _geometry_key(prep: Preprocessing) -> str:
+def geometry_key(prep: Preprocessing) -> str:
     return f"{prep.input_size}-{prep.resize}-{prep.crop_pct}-{prep.interpolation}-{int(prep.roi_crop)}"
 
 
 def decode_split(table: SampleTable, prep: Preprocessing, *, threads: int = 2, use_cache: bool = True) -> DecodedSplit:
     """Decode, ROI-crop and resize every image of ``table`` once; cached on disk by content fingerprint."""
-    key = hashlib.sha1(f"{table.fingerprint()}|{files_signature(table.paths)}|{_geometry_key(prep)}".encode())
+    key = hashlib.sha1(f"{table.fingerprint()}|{files_signature(table.paths)}|{geometry_key(prep)}".encode())
     cache_file = cache_root() / "decoded" / f"{key.hexdigest()[:20]}.pt"
     if use_cache and cache_file.is_file():
         try:
@@ -168,7 +167,7 @@ def stats_sample(table: SampleTable, max_images: int = STATS_MAX_IMAGES, seed: i
 
 def file_stats(table: SampleTable, prep: Preprocessing, max_images: int = STATS_MAX_IMAGES, seed: int = 0):
     """Mean and std over (a seeded sample of) a file-backed split at the model's input size; cached by fingerprint."""
-    key = hashlib.sha1(f"{table.fingerprint()}|{files_signature(table.paths)}|{_geometry_key(prep)}|{max_images}|{seed}"
+    key = hashlib.sha1(f"{table.fingerprint()}|{files_signature(table.paths)}|{geometry_key(prep)}|{max_images}|{seed}"
                        .encode()).hexdigest()[:20]
     cache_file = cache_root() / "stats" / f"{key}.json"
     if cache_file.is_file():

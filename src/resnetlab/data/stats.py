@@ -23,7 +23,7 @@ from resnetlab.data.cache import cache_root
 from resnetlab.data.datasets import open_dataset
 from resnetlab.data.pipeline import (
     STATS_MAX_IMAGES,
-    _geometry_key,
+    geometry_key,
     channel_stats,
     decode_split,
     files_signature,
@@ -69,7 +69,7 @@ def compute_dataset_stats(cfg: RunConfig, *, per_class: bool = False, use_cache:
     prep = base_preprocessing(cfg)
     in_memory = uses_memory(cfg)
     table = plan.train
-    key = hashlib.sha1(f"{table.fingerprint()}|{files_signature(table.paths)}|{_geometry_key(prep)}|{in_memory}|"
+    key = hashlib.sha1(f"{table.fingerprint()}|{files_signature(table.paths)}|{geometry_key(prep)}|{in_memory}|"
                        f"{d.split_seed}|{per_class}|{d.on_bad_image}".encode()).hexdigest()[:20]
     cache_file = cache_root() / "stats" / f"dataset-{key}.json"
     if use_cache and cache_file.is_file():

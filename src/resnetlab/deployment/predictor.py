@@ -202,9 +202,9 @@ def cached_onnx_export(checkpoint: str | Path, *, cache_root: Path | None = None
             pass  # a damaged cache entry: export again over it
     result = export_checkpoint(checkpoint_file, folder, fmt="onnx", dynamic_batch=True, log=lambda message: None)
     if log is not None:
-        worst = max(p.max_abs_logits for p in result.parity)
+        worst = max(p.max_abs_probabilities for p in result.parity)
         log(f"exported {checkpoint_file} to ONNX for onnxruntime (cached in {folder}; parity with the eager model: "
-            f"max |logit difference| {worst:.2e})")
+            f"max |probability difference| {worst:.2e})")
     return folder
 
 

@@ -166,6 +166,12 @@ class Trainer:
         self.on_epoch_end = on_epoch_end
 
         t = cfg.train
+        # Without a validation split (data.val_fraction=0: a refit on all training data) every epoch counts as the
+        # best, so the last weights are kept; nothing can be monitored.
+        self.has_val = len(data.plan.val) > 0
+        if not self.has_val and (t.early_stopping_patience or cfg.schedule.name == "plateau"):
+            raise ConfigError("early stopping and the plateau schedule monitor the validation split, but "
+                              "data.val_fraction=0 leaves none; give a validation fraction or drop them")
         self.base_optimizer = create_optimizer(model, cfg.optim)
         self.optimizer = wrap_optimizer(self.base_optimizer, cfg.optim)
         self.perturbation = self.optimizer if isinstance(self.optimizer, GradientPerturbation) else None
@@ -293,14 +299,15 @@ class Trainer:
                 improved, use_ema = self._track_best(val, ema_val)
                 row = {
                     "epoch": epoch, "lr": lr, "train_loss": train_result.loss,
-                    "train_top1": train_result.top1, "val_loss": val.loss, "val_top1": val.top1,
-                    "val_top5": val.top5, "grad_norm": grad_norm, "epoch_seconds": seconds,
+                    "train_top1": train_result.top1, "val_loss": val.loss if val else "",
+                    "val_top1": val.top1 if val else "", "val_top5": val.top5 if val else "",
+                    "grad_norm": grad_norm, "epoch_seconds": seconds,
                     "images_per_second": images / seconds if seconds > 0 else 0.0,
                     "ema_val_top1": ema_val.top1 if ema_val else "", "ema_val_loss": ema_val.loss if ema_val else "",
                     "best": int(improved),
                 }
                 history.append(row)
-                self.schedule.step_epoch(self._monitored(val))
+                self.schedule.step_epoch(self._monitored(val) if val else None)
                 if self.is_main:
                     self._append_metrics(row)
                     self._save(improved, use_ema)
@@ -427,6 +434,8 @@ class Trainer:
     def _validate(self) -> tuple[EpochResult, EpochResult | None]:
         """Rank 0 validates the bare model (and the EMA) on the whole validation split; every rank gets the result."""
         results = None
+        if not self.has_val:
+            return None, None
         if self.dist.is_main:
             val = evaluate_loader(self.model, self.data.val, self.runtime)
             ema_val = evaluate_loader(self.ema.module, self.data.val, self.runtime) if self.ema is not None else None
@@ -444,8 +453,11 @@ class Trainer:
     def _better(self, a: float, b: float, margin: float = 0.0) -> bool:
         return (a - b > margin) if self._mode() == "max" else (b - a > margin)
 
-    def _track_best(self, val: EpochResult, ema_val: EpochResult | None) -> tuple[bool, bool]:
+    def _track_best(self, val: EpochResult | None, ema_val: EpochResult | None) -> tuple[bool, bool]:
         t = self.cfg.train
+        if val is None:  # no validation split: the latest epoch is the one kept
+            self.best_epoch, self.bad_epochs, self.best_weights, self._epoch_metric = self.epoch, 0, "raw", None
+            return True, False
         candidate, use_ema = self._monitored(val), False
         if ema_val is not None and t.ema_keep_best and self._better(self._monitored(ema_val), candidate):
             candidate, use_ema = self._monitored(ema_val), True
@@ -463,7 +475,7 @@ class Trainer:
         chosen, kind = (self.ema.module, "ema") if use_ema else (self.model, "raw")
         if improved:
             save_checkpoint(self.ckpt_dir / "best.pt", {"model": chosen.state_dict(), "meta": self.meta(kind)})
-        if t.keep_top_k > 1:
+        if t.keep_top_k > 1 and self._epoch_metric is not None:
             self.top_k.append((self._epoch_metric, self.epoch))
             # best first; among equals the earlier epoch (a stable sort keeps the append order)
             self.top_k.sort(key=lambda item: -item[0] if self._mode() == "max" else item[0])
@@ -539,9 +551,10 @@ def _fmt(value: Any) -> str:
 def _epoch_line(row: dict, epochs: int, out_of_time: bool = False) -> str:
     ema = f" ema_val_top1 {row['ema_val_top1']:.4f}" if isinstance(row["ema_val_top1"], float) else ""
     partial = " (partial: time budget)" if out_of_time else ""
+    val = (f" val_loss {row['val_loss']:.4f} val_top1 {row['val_top1']:.4f} val_top5 {row['val_top5']:.4f}"
+           if isinstance(row["val_top1"], float) else " (no validation split)")
     return (f"epoch {row['epoch']}/{epochs}{partial} lr {row['lr']:.3g} train_loss {row['train_loss']:.4f} "
-            f"train_top1 {row['train_top1']:.4f} val_loss {row['val_loss']:.4f} val_top1 {row['val_top1']:.4f} "
-            f"val_top5 {row['val_top5']:.4f}{ema} grad_norm {row['grad_norm']:.3g} {row['epoch_seconds']:.1f}s "
+            f"train_top1 {row['train_top1']:.4f}{val}{ema} grad_norm {row['grad_norm']:.3g} {row['epoch_seconds']:.1f}s "
             f"{row['images_per_second']:.0f} img/s{' *best*' if row['best'] else ''}")
 
 

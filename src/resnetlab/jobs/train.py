@@ -175,7 +175,7 @@ def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, *, 
     model.load_state_dict(best["model"])
     eval_result = evaluate_model_on_batches(
         model, runtime, data.test, data.plan.test, class_names=data.source.class_names, prep=data.prep,
-        out_dir=out / "eval", val_batches=data.val, topk=cfg.eval.topk, gradcam=cfg.eval.gradcam,
+        out_dir=out / "eval", val_batches=data.val if len(data.plan.val) else None, topk=cfg.eval.topk, gradcam=cfg.eval.gradcam,
         split_name="test", log=log)
     _write_run_info(out, cfg, runtime, data, model, outcome, started, best["meta"].get("weights", "raw"), dist, origin)
     log(f"test top-1 {eval_result.metrics['top1']:.4f}, top-5 {eval_result.metrics['top5']:.4f}, balanced accuracy "

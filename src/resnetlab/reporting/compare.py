@@ -64,7 +64,7 @@ def _run_summary(run: RunFiles) -> dict[str, Any]:
         best_epoch, _ = best_epoch_of(run)
         if best_epoch is not None:
             summary["best_epoch"] = best_epoch
-        if "val_top1" in history:
+        if "val_top1" in history and np.isfinite(history["val_top1"]).any():
             summary["best_val_top1"] = float(np.nanmax(history["val_top1"]))
         if "images_per_second" in history:
             summary["mean_images_per_second"] = float(np.nanmean(history["images_per_second"]))

@@ -322,7 +322,7 @@ def _training(doc: Document, run: RunFiles, plots_dir: Path) -> None:
     epochs = history["epoch"]
     text = f"{len(epochs)} epochs were run (epochs {int(epochs[0])} to {int(epochs[-1])})."
     row = _history_row(run, best_epoch) if best_epoch is not None else None
-    if row is not None and monitor in history:
+    if row is not None and monitor in history and np.isfinite(history[monitor]).any():
         mode = monitor_mode(monitor, run.run_info)
         values = history[monitor]
         kind = _history_column_kind(monitor)
@@ -333,6 +333,9 @@ def _training(doc: Document, run: RunFiles, plots_dir: Path) -> None:
         if values[row] != optimum:
             text += f"; the optimum over all epochs was {_format_history_cell(optimum, kind)}"
         text += f"; the last epoch reached {_format_history_cell(values[-1], kind)}."
+    elif best_epoch is not None and monitor in history:
+        text += (f" There was no validation split, so nothing was monitored and the last epoch ({best_epoch}) was "
+                 "kept.")
     elif best_epoch is not None:
         text += f" The best epoch by `{monitor}` was {best_epoch}."
     doc.paragraph(text)

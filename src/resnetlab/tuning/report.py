@@ -127,7 +127,8 @@ def render_tune_report(out: Path, *, rows: Sequence[TrialRow], space: SearchSpac
         f"Score of a setting: the mean over the {n_folds} folds of `{metric}` after each fold's last epoch "
         f"({METRICS[metric]}); the standard deviation over folds is shown beside it.",
         f"Trials: {counts['complete']} complete, {counts['pruned']} pruned, {counts['failed']} failed"
-        + (f", {counts['running']} running, {counts['waiting']} queued" if counts["running"] or counts["waiting"] else ""),
+        + (f", {counts['running']} running, {counts['waiting']} queued"
+           if counts["running"] or counts["waiting"] else ""),
         f"Study `{study_name}` in {storage_text}",
     ]
     if setup.get("trial_budget"):
@@ -152,8 +153,8 @@ def render_tune_report(out: Path, *, rows: Sequence[TrialRow], space: SearchSpac
     for row in list(rows)[:MAX_RANKED_ROWS]:
         folds = [_metric_text(metric, row.fold_value(i, metric)) for i in range(n_folds)]
         table_rows.append([row.rank or "", row.number, *(format_value(row.params.get(k, "")) for k in space.keys),
-                           _metric_text(metric, row.score if row.score is not None else row.stats.get(f"mean_{metric}")),
-                           _metric_text(metric, row.stats.get(f"std_{metric}")), *folds,
+                           _metric_text(metric, row.score), _metric_text(metric, row.stats.get(f"std_{metric}")),
+                           *folds,
                            row.state + (f": {row.note}" if row.note else "")])
     doc.table(headers, table_rows, align=["right", "right", *["left"] * len(space.keys), "right", "right",
                                           *["right"] * n_folds, "left"])
@@ -203,14 +204,14 @@ def render_tune_report(out: Path, *, rows: Sequence[TrialRow], space: SearchSpac
                       f"`{refit.get('report', 'refit/report.md')}` (on {refit.get('host', 'this machine')}).")
         doc.table(["metric", "test"],
                   [["Top-1 accuracy", _pct(test.get("top1"))], ["Top-5 accuracy", _pct(test.get("top5"))],
-                   ["Balanced accuracy", _pct(test.get("balanced_accuracy"))], ["Macro F1", _pct(test.get("macro_f1"))],
-                   ["Images", test.get("num_samples", "")],
-                   [f"Mean fold {metric} of this setting (cross-validation)", _metric_text(metric, refit.get("cv_mean"))]],
+                   ["Balanced accuracy", _pct(test.get("balanced_accuracy"))],
+                   ["Macro F1", _pct(test.get("macro_f1"))], ["Images", test.get("num_samples", "")],
+                   [f"Mean fold {metric} of this setting (cross-validation)",
+                    _metric_text(metric, refit.get("cv_mean"))]],
                   align=["left", "right"])
-        doc.paragraph("How the refit trains: the run holds out the data's own validation split as any `resnetlab "
-                      "train` run does, and uses it only to pick the best epoch (early stopping restores it) and to fit "
-                      "the temperature for calibration; the folds never used it. The refit trains for the setting's "
-                      "epoch count.")
+        doc.paragraph("How the refit trains: as any `resnetlab train` run, it holds out the data's own validation "
+                      "split (which the folds never used) and uses it only to pick the best epoch and to fit the "
+                      "temperature for calibration; it trains for the setting's epoch count.")
     else:
         doc.paragraph("Not run: add `--refit` to retrain the best setting on the training split and test it once "
                       "(a finished study goes straight to the refit).")

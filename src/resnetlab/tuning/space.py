@@ -226,7 +226,8 @@ def _numeric_kind(key: str) -> Literal["int", "float"] | None:
     for part in key.split("."):
         annotation = known.model_fields[part].annotation
         known = annotation
-    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union else (annotation,)
+    is_union = isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union
+    options = typing.get_args(annotation) if is_union else (annotation,)
     if float in options:
         return "float"
     if int in options and bool not in options:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy.exc
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
@@ -92,12 +93,20 @@ def resolve_storage(spec: str | None, tune_dir: Path):
                       "journal (a journal file in the tune folder) or journal:FILE")
 
 
-def _rdb_storage(url: str) -> RDBStorage:
+def _rdb_storage(url: str, attempts: int = 5) -> RDBStorage:
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
     try:
-        with _experimental_api():
-            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL_S,
-                              grace_period=HEARTBEAT_GRACE_S)
+        for attempt in range(attempts):
+            try:
+                with _experimental_api():
+                    return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                                      grace_period=HEARTBEAT_GRACE_S)
+            except sqlalchemy.exc.DBAPIError:
+                # Workers started together race to create the tables of a new database (a table that "already
+                # exists", a second schema-version row); the loser opens the database again and finds it made.
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
     except ImportError as err:
         raise ConfigError(f"--storage '{describe_storage(url)}' needs a database driver that is not installed "
                           f"({err}); install it (e.g. psycopg2 or pymysql) or use the default SQLite file") from None

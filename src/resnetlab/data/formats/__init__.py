@@ -37,9 +37,4 @@ def get_reader(prefix: str) -> DatasetReader | None:
 
 def _import_all() -> None:
     # Importing a format module registers it; done lazily so that `resnetlab --help` stays fast.
-    from resnetlab.data.formats import folder, gtsrb, synthetic  # noqa: F401
-
-    try:
-        from resnetlab.data.formats import cifar, csvfile  # noqa: F401
-    except ImportError:  # formats added by later work; absent in a partial checkout
-        pass
+    from resnetlab.data.formats import cifar, csvfile, folder, gtsrb, synthetic  # noqa: F401
