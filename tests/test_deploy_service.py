@@ -230,12 +230,17 @@ def test_real_server_binds_loopback_and_answers_a_burst(live_server, sign_files,
 
 def test_real_server_survives_bad_requests(live_server, sign_files):
     url, _ = live_server
-    with httpx.Client(timeout=60) as http:
+    with httpx.Client(timeout=60) as http:  # a 413 closes its connection: each block below opens a fresh one
         oversized = http.post(f"{url}/predict", files={"file": ("big.png", os.urandom(11 * 1024 * 1024), "image/png")})
         assert oversized.status_code == 413
+    with httpx.Client(timeout=60) as http:  # the same without a Content-Length: a chunked upload
+        chunks = (b"\0" * (1024 * 1024) for _ in range(11))
+        streamed = http.post(f"{url}/predict", content=chunks, headers={"content-type": "application/json"})
+        assert streamed.status_code == 413 and "upload limit" in streamed.json()["detail"]
+    with httpx.Client(timeout=60) as http:
         assert http.post(f"{url}/predict", files={"file": ("x.txt", b"hello", "text/plain")}).status_code == 415
         assert http.post(f"{url}/predict", content=b"{", headers={"content-type": "application/json"}).status_code == 400
-    with httpx.Client(timeout=60) as http:  # a fresh connection: the 413 closed the previous one
+    with httpx.Client(timeout=60) as http:
         assert http.get(f"{url}/health").json()["status"] == "ok"
         ok = http.post(f"{url}/predict", files={"file": ("a.png", sign_files[0].read_bytes(), "image/png")})
         assert ok.status_code == 200

@@ -108,9 +108,7 @@ def _timed(function: Callable[[], object]) -> tuple[object, float]:
 
 def profile_pipeline(cfg: RunConfig, *, files: int = 256, batches: int = 20, train_steps: int = 10,
                      log: Callable[[str], None] = lambda message: None) -> ProfileResult:
-    from resnetlab.engine.optim import create_optimizer
     from resnetlab.engine.runtime import resolve_runtime
-    from resnetlab.models import create_model
 
     d = cfg.data
     source = open_dataset(d)
@@ -216,8 +214,7 @@ def profile_pipeline(cfg: RunConfig, *, files: int = 256, batches: int = 20, tra
         log(f"one process would deliver {1e6 / per_image_us:,.0f} img/s; measured through the DataLoader: "
             f"{loader_rate:,.0f} img/s")
 
-    train_rate = _train_rate(cfg, source.num_classes, runtime, create_model, create_optimizer, batch_size,
-                             prep.input_size, train_steps, log)
+    train_rate = _train_rate(cfg, source.num_classes, runtime, batch_size, train_steps, log)
     return ProfileResult(
         spec=source.spec, recipe=cfg.recipe, model=cfg.model.name, input_size=prep.input_size, batch_size=batch_size,
         pipeline=pipeline, stages=stages, pipeline_images_per_second=pipeline_rate, train_images_per_second=train_rate,
@@ -262,37 +259,14 @@ def _loader_rate(table, prep, transform, batch_size, workers, policy, mirror, *,
     return images / seconds
 
 
-def _train_rate(cfg: RunConfig, num_classes: int, runtime, create_model, create_optimizer, batch_size: int,
-                size: int, steps: int, log) -> float:
-    model = create_model(cfg.model.name, num_classes, **dict(cfg.model.kwargs)).to(runtime.device)
-    if runtime.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model.train()
-    optimizer = create_optimizer(model, cfg.optim)
-    images = runtime.to_input(torch.randn(batch_size, 3, size, size))
-    targets = torch.randint(0, num_classes, (batch_size,), device=runtime.device)
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.loss.label_smoothing)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with runtime.autocast():
-            logits = model(images)
-        loss_fn(logits.float(), targets).backward()
-        optimizer.step()
-
-    def synchronize() -> None:
-        if runtime.device.type == "cuda":
-            torch.cuda.synchronize(runtime.device)
+def _train_rate(cfg: RunConfig, num_classes: int, runtime, batch_size: int, steps: int, log) -> float:
+    """The images/s of the Trainer's own step for this config (same model, optimizer, precision and layout)."""
+    from resnetlab.engine.bench import trainer_step_rate
 
     log(f"timing {steps} training steps of {cfg.model.name} at batch {batch_size} ({runtime.describe()})")
-    for _ in range(3):  # warm-up: oneDNN/cuDNN pick their kernels on the first calls
-        step()
-    synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize()
-    return steps * batch_size / (time.perf_counter() - start)
+    step_cfg = cfg.model_copy(deep=True)
+    step_cfg.data.batch_size = batch_size
+    return trainer_step_rate(step_cfg, num_classes, steps=steps)
 
 
 def _conditions(runtime) -> dict:

@@ -76,17 +76,18 @@ class BodySizeLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             if int(declared) <= DRAIN_LIMIT_BYTES:
-                await self._drain(receive)
+                await self._drain(receive, DRAIN_LIMIT_BYTES)
             await self._reject(send)
             return
         received = 0
-        started = False
+        started = body_complete = False
 
         async def limited_receive():
-            nonlocal received
+            nonlocal received, body_complete
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_complete = not message.get("more_body", False)
                 if received > self.max_bytes:
                     raise _BodyTooLarge
             return message
@@ -100,14 +101,18 @@ class BodySizeLimit:
             await self.app(scope, limited_receive, tracking_send)
         except _BodyTooLarge:
             if not started:
+                if not body_complete:
+                    await self._drain(receive, DRAIN_LIMIT_BYTES - received)
                 await self._reject(send)
 
     @staticmethod
-    async def _drain(receive) -> None:
-        while True:
+    async def _drain(receive, budget: int) -> None:
+        """Read and drop the rest of the body, up to ``budget`` bytes (then the connection is closed on the client)."""
+        while budget > 0:
             message = await receive()
             if message["type"] != "http.request" or not message.get("more_body", False):
                 return
+            budget -= len(message.get("body", b""))
 
     async def _reject(self, send) -> None:
         body = json.dumps({"detail": f"request body is larger than the upload limit of {_megabytes(self.max_bytes)}"

@@ -59,7 +59,9 @@ def _synthetic_run_data(cfg, num_classes: int, images: torch.Tensor, labels: tor
                             drop_last=True)
     source = DatasetSource(spec="benchmark", root=Path("."), class_ids=list(range(num_classes)),
                            class_names=[str(i) for i in range(num_classes)], splits={"train": empty})
-    plan = SplitPlan(train=empty, val=empty, test=empty, strategy="none", sources={})
+    # A one-sample validation table: the Trainer checks that monitored settings have something to monitor.
+    placeholder_val = SampleTable(["(benchmark)"], np.zeros(1, dtype=np.int64))
+    plan = SplitPlan(train=empty, val=placeholder_val, test=empty, strategy="none", sources={})
     return RunData(source=source, plan=plan, prep=prep, train=batches, val=batches, test=batches,
                    train_counts=np.ones(num_classes, dtype=np.int64), in_memory=True)
 
@@ -71,33 +73,62 @@ def _timed(step: Callable[[], None], count: int) -> float:
     return time.perf_counter() - start
 
 
+class TrainerStep:
+    """The Trainer's own :meth:`Trainer.train_step` on one fixed random batch, for timing.
+
+    ``cfg`` is a full run config (model, optimizer, loss, runtime choices); the batch size is ``cfg.data.batch_size``
+    and the image size ``cfg.data.input_size``. Use as a context manager (the Trainer needs a scratch directory).
+    """
+
+    def __init__(self, cfg, num_classes: int):
+        self.cfg = cfg
+        self.runtime = resolve_runtime(cfg.train)
+        size, batch = cfg.data.input_size, cfg.data.batch_size
+        generator = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (batch * 2, 3, size, size), dtype=torch.uint8, generator=generator)
+        labels = torch.randint(0, num_classes, (batch * 2,), generator=generator)
+        self.data = _synthetic_run_data(cfg, num_classes, images, labels)
+        self.batch_x, self.batch_y = next(iter(self.data.train))
+        self.model = create_model(cfg.model.name, num_classes, **dict(cfg.model.kwargs))
+        if self.runtime.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model.to(self.runtime.device).train()
+        self._tmp = TemporaryDirectory()
+        self.trainer = Trainer(cfg, self.data, self.model, self.runtime, Path(self._tmp.name),
+                               RunLog(None, quiet=True), model_kwargs={})
+        self._x = self.runtime.to_input(self.batch_x)
+        self._y = self.batch_y.to(self.runtime.device)
+
+    def __call__(self) -> None:
+        self.trainer.train_step(self._x, self._y)
+        if self.runtime.device.type == "cuda":
+            torch.cuda.synchronize(self.runtime.device)
+
+    def __enter__(self) -> TrainerStep:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._tmp.cleanup()
+
+
+def trainer_step_rate(cfg, num_classes: int, *, steps: int = 10, warmup_steps: int = 3) -> float:
+    """Images per second of the Trainer's step as ``cfg`` configures it (what `data profile` compares against)."""
+    with TrainerStep(cfg, num_classes) as step:
+        _timed(step, warmup_steps)
+        return steps * cfg.data.batch_size / _timed(step, steps)
+
+
 def bench_train(model_name: str, input_size: int, batch_size: int, *, num_classes: int = 43, repeats: int = 5,
                 min_seconds: float = 2.0, warmup_steps: int = 3, overrides: list[str] | None = None,
                 log: Callable[[str], None] = print) -> dict:
     cfg = build_config({}, {"model.name": model_name, "data.input_size": input_size, "data.batch_size": batch_size},
                        overrides or [])
-    runtime = resolve_runtime(cfg.train)
-    torch.manual_seed(0)
-    images = torch.randint(0, 256, (batch_size * 4, 3, input_size, input_size), dtype=torch.uint8)
-    labels = torch.randint(0, num_classes, (batch_size * 4,))
-    data = _synthetic_run_data(cfg, num_classes, images, labels)
-    batch_x, batch_y = next(iter(data.train))
-
-    # resnetlab: the Trainer's own step with the automatic runtime choices
-    ours = create_model(model_name, num_classes)
-    if runtime.channels_last:
-        ours = ours.to(memory_format=torch.channels_last)
-    with TemporaryDirectory() as tmp:
-        trainer = Trainer(cfg, data, ours, runtime, Path(tmp), RunLog(None, quiet=True), model_kwargs={})
-        ours_x = runtime.to_input(batch_x)
-        ours.train()
-
-        def ours_step() -> None:
-            trainer.train_step(ours_x, batch_y)
+    with TrainerStep(cfg, num_classes) as ours_step:
+        runtime, batch_x, batch_y = ours_step.runtime, ours_step.batch_x, ours_step.batch_y
 
         # reference: float32, NCHW, eager, as in the torchvision tutorials
         reference = create_model(model_name, num_classes)
-        reference.load_state_dict(ours.state_dict())
+        reference.load_state_dict(ours_step.model.state_dict())
         reference.train()
         optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
         criterion = nn.CrossEntropyLoss()
