@@ -1,24 +1,31 @@
 """``resnetlab bench infer``: inference latency and throughput of every backend of one checkpoint, in one run.
 
-Every variant is measured through :meth:`Predictor.probabilities` on the same uint8 batch, so each number includes
+Every variant is measured through :meth:`Predictor.probabilities` on the same uint8 images, so each number includes
 normalization and softmax, as a real prediction does:
 
 * batch-1 latency: single-image calls timed one by one; p50 and p99 over all calls;
 * batch throughput: whole batches of ``batch_size`` images; images per second, median over rounds.
 
-The machines we run on are shared and noisy, so variants are measured **interleaved**: each round gives every
-variant its share of calls in turn, and load from elsewhere hits all of them alike. Ratios to plain eager float32
-are therefore more trustworthy than absolute numbers; the load average before and after is recorded with them.
+How, and why so:
+
+* **One process per variant.** Each backend keeps its own thread pool (OpenMP for torch, ONNX Runtime's own), and
+  idle pools keep spinning for a while after each call. On a 2-core machine two pools in one process steal each
+  other's cores: measured that way, eager ResNet-20 at batch 1 took 6.0 ms right after ONNX Runtime calls and 2.6 ms
+  alone. So each variant lives in its own worker process, as it would in deployment.
+* **Interleaved rounds.** The machines we run on are shared and noisy, so the workers take turns: in each round every
+  worker does its share of latency calls and one throughput measurement while the others wait (blocked, their
+  threads asleep after a short pause). Load from elsewhere then hits all variants alike, and the ratios to plain
+  eager float32 are more trustworthy than the absolute numbers. The load average before and after is recorded.
 
 Variants: ``eager`` (float32, NCHW: the baseline), ``eager_bf16_cl`` (bf16 autocast + channels_last),
 ``compile`` (torch.compile with frozen weights, float32), ``compile_bf16_cl``, ``onnxruntime`` (float32 ONNX),
 ``onnxruntime_int8`` (static int8, with its accuracy change), ``torchscript``, and ``deployment``: exactly what
-``predict`` and ``serve`` run for this checkpoint by default (including their batching).
+``predict`` and ``serve`` run for this checkpoint by default, batching included.
 """
 
 from __future__ import annotations
 
-import copy
+import multiprocessing
 import os
 import platform
 import statistics
@@ -34,11 +41,6 @@ import numpy as np
 import torch
 
 import resnetlab
-from resnetlab.data.preprocessing import Preprocessing
-from resnetlab.deployment.backends import OnnxRuntimeBackend, TorchBackend, TorchScriptBackend
-from resnetlab.deployment.export import ExportError, export_checkpoint, parity_images
-from resnetlab.deployment.predictor import Predictor, load_predictor, resolve_checkpoint_file
-from resnetlab.deployment.records import record_from_meta
 from resnetlab.errors import ResnetlabError
 
 VARIANTS = {
@@ -53,6 +55,7 @@ VARIANTS = {
 }
 DEFAULT_VARIANTS = ("eager", "eager_bf16_cl", "compile", "compile_bf16_cl", "onnxruntime", "onnxruntime_int8",
                     "deployment")
+SETTLE_SECONDS = 0.1  # pause between two workers' turns, for the previous one's spinning threads to go to sleep
 
 
 @dataclass
@@ -60,16 +63,105 @@ class VariantResult:
     name: str
     description: str
     backend: dict[str, Any] = field(default_factory=dict)
-    setup_seconds: float | None = None
+    setup_seconds: float | None = None  # building the backend (export, compile) and warming it up at both shapes
     latency_ms_p50: float | None = None
     latency_ms_p99: float | None = None
     latency_calls: int = 0
-    throughput: float | None = None  # images per second at batch_size
+    throughput: float | None = None  # images per second at batch_size, median over rounds
     throughput_rounds: list[float] = field(default_factory=list)
-    max_abs_probability_difference: float | None = None  # against eager float32, same images
+    max_abs_probability_difference: float | None = None  # against eager float32, on the same images
+    max_relative_logit_difference: float | None = None  # max |logit difference| / largest |logit| of eager
     top1_agreement: float | None = None
     accuracy: dict[str, Any] | None = None  # int8: the accuracy change on real images
     skipped: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Worker process: one variant
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _build(spec: dict[str, Any]):
+    """The variant's predictor (and, for int8, its accuracy report)."""
+    from resnetlab.deployment.backends import OnnxRuntimeBackend, TorchBackend, TorchScriptBackend
+    from resnetlab.deployment.export import export_checkpoint
+    from resnetlab.deployment.predictor import Predictor, load_predictor
+    from resnetlab.deployment.records import record_from_meta
+    from resnetlab.engine.checkpoint import load_checkpoint, model_from_checkpoint
+
+    name, checkpoint, threads = spec["name"], spec["checkpoint"], spec["threads"]
+    plain = {"micro_batch": spec["batch_size"], "source": checkpoint}  # the baselines run a batch in one call
+    workdir = Path(spec["workdir"]) / name
+    if name in ("eager", "eager_bf16_cl", "compile", "compile_bf16_cl"):
+        model, meta = model_from_checkpoint(load_checkpoint(checkpoint))
+        bf16 = name.endswith("bf16_cl")
+        backend = TorchBackend(model, precision="bf16" if bf16 else "float32", channels_last=bf16,
+                               compile=name.startswith("compile"))
+        return Predictor(backend, record_from_meta(meta), **plain), None
+    if name in ("onnxruntime", "onnxruntime_int8"):
+        int8 = name.endswith("int8")
+        out = export_checkpoint(checkpoint, workdir, fmt="onnx", dynamic_batch=True, quantize="int8" if int8 else None,
+                                calibration_data=spec["calibration_data"], log=lambda m: None)
+        backend = OnnxRuntimeBackend(out.model_path, threads=threads, precision="int8" if int8 else "float32")
+        return Predictor(backend, out.record, **plain), out.quantization
+    if name == "torchscript":
+        out = export_checkpoint(checkpoint, workdir, fmt="torchscript", log=lambda m: None)
+        return Predictor(TorchScriptBackend(out.model_path), out.record, **plain), None
+    return load_predictor(checkpoint, backend="auto", threads=threads), None
+
+
+def _worker(connection, spec: dict[str, Any]) -> None:
+    from resnetlab.data.preprocessing import Preprocessing, normalize
+    from resnetlab.deployment.export import parity_images
+
+    torch.set_num_threads(spec["threads"])
+    try:
+        began = time.perf_counter()
+        predictor, accuracy = _build(spec)
+        prep = Preprocessing.from_dict(predictor.record["preprocessing"])
+        single, batch = parity_images(prep, 1, seed=1), parity_images(prep, spec["batch_size"], seed=2)
+        # Warm-up at both shapes: compiles (torch.compile) and allocates (ONNX Runtime) before timing.
+        for _ in range(3):
+            predictor.probabilities(single)
+        predictor.probabilities(batch)
+        setup = time.perf_counter() - began
+    except ResnetlabError as err:
+        connection.send(("skipped", str(err)))
+        return
+    except Exception as err:  # a bug or an unsupported platform: report it, let the other variants go on
+        first_line = (str(err).strip().splitlines() or [""])[0][:300]
+        connection.send(("skipped", f"{type(err).__name__}: {first_line}"))
+        return
+    describe = predictor.backend.describe() | {"micro_batch": predictor.micro_batch}
+    connection.send(("ready", setup, describe, accuracy))
+    while True:
+        command, argument = connection.recv()
+        if command == "latency":
+            times = []
+            for _ in range(argument):
+                began = time.perf_counter()
+                predictor.probabilities(single)
+                times.append(time.perf_counter() - began)
+            connection.send(times)
+        elif command == "throughput":
+            calls, began = 0, time.perf_counter()
+            while True:
+                predictor.probabilities(batch)
+                calls += 1
+                elapsed = time.perf_counter() - began
+                if elapsed >= argument:
+                    break
+            connection.send(calls * len(batch) / elapsed)
+        elif command == "outputs":
+            mean, std = torch.as_tensor(prep.mean), torch.as_tensor(prep.std)
+            connection.send(predictor.outputs(normalize(batch, mean, std)).numpy())
+        else:
+            return
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def _environment(threads: int) -> dict[str, Any]:
@@ -87,132 +179,126 @@ def _environment(threads: int) -> dict[str, Any]:
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
-def _percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q))
+class _Worker:
+    def __init__(self, context, spec: dict[str, Any]):
+        self.connection, child = context.Pipe()
+        self.process = context.Process(target=_worker, args=(child, spec), daemon=True)
+        self.process.start()
+        child.close()
+
+    def receive(self):
+        while not self.connection.poll(1.0):
+            if not self.process.is_alive():
+                raise RuntimeError(f"the benchmark worker died (exit code {self.process.exitcode})")
+        return self.connection.recv()
+
+    def ask(self, command: str, argument=None):
+        self.connection.send((command, argument))
+        return self.receive()
+
+    def stop(self) -> None:
+        try:
+            self.connection.send(("stop", None))
+        except (BrokenPipeError, OSError):
+            pass
+        self.process.join(timeout=30)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
 
 
 def bench_infer(checkpoint: str | Path, *, variants: tuple[str, ...] | list[str] = DEFAULT_VARIANTS,
                 batch_size: int = 32, latency_calls: int = 200, rounds: int = 5, threads: int | None = None,
-                calibration_data: str | None = None, min_round_seconds: float = 0.2,
+                calibration_data: str | None = None, min_round_seconds: float = 0.5,
                 log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure the variants of one checkpoint side by side; see the module docstring. Returns a JSON-able dict."""
-    from resnetlab.engine.checkpoint import load_checkpoint, model_from_checkpoint
+    from resnetlab.deployment.backends import default_threads
+    from resnetlab.deployment.predictor import resolve_checkpoint_file
+    from resnetlab.engine.checkpoint import load_checkpoint
 
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ResnetlabError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     if batch_size < 1 or latency_calls < 1 or rounds < 1:
         raise ResnetlabError("--batch-size, --latency-calls and --rounds must be at least 1")
-    threads = threads or torch.get_num_threads()
-    torch.set_num_threads(threads)
+    threads = threads or default_threads()
     checkpoint_file = resolve_checkpoint_file(checkpoint)
-    model, meta = model_from_checkpoint(load_checkpoint(checkpoint_file))
-    record = record_from_meta(meta)
+    meta = load_checkpoint(checkpoint_file)["meta"]  # checks the file before any worker starts
+    size = meta["preprocessing"]["input_size"]
     environment = _environment(threads)
-    with tempfile.TemporaryDirectory(prefix="resnetlab-bench-") as scratch:
-        return _run(checkpoint_file, model, meta, record, environment, Path(scratch), variants=variants,
-                    batch_size=batch_size, latency_calls=latency_calls, rounds=rounds, threads=threads,
-                    calibration_data=calibration_data, min_round_seconds=min_round_seconds, log=log)
-
-
-def _run(checkpoint_file: Path, model, meta: dict, record: dict, environment: dict, workdir: Path, *, variants,
-         batch_size: int, latency_calls: int, rounds: int, threads: int, calibration_data: str | None,
-         min_round_seconds: float, log: Callable[[str], None]) -> dict[str, Any]:
-    results: dict[str, VariantResult] = {}
-    predictors: dict[str, Predictor] = {}
-
-    def build(name: str) -> Predictor:
-        plain = {"micro_batch": batch_size}  # the baselines run the whole batch in one call
-        if name in ("eager", "eager_bf16_cl", "compile", "compile_bf16_cl"):
-            bf16 = name.endswith("bf16_cl")
-            backend = TorchBackend(copy.deepcopy(model), precision="bf16" if bf16 else "float32", channels_last=bf16,
-                                   compile=name.startswith("compile"))
-            return Predictor(backend, record, source=str(checkpoint_file), **plain)
-        if name in ("onnxruntime", "onnxruntime_int8"):
-            int8 = name.endswith("int8")
-            out = export_checkpoint(checkpoint_file, workdir / name, fmt="onnx", dynamic_batch=True,
-                                    quantize="int8" if int8 else None, calibration_data=calibration_data,
-                                    log=lambda m: None)
-            results[name].accuracy = out.quantization
-            backend = OnnxRuntimeBackend(out.model_path, threads=threads, precision="int8" if int8 else "float32")
-            return Predictor(backend, out.record, source=str(checkpoint_file), **plain)
-        if name == "torchscript":
-            out = export_checkpoint(checkpoint_file, workdir / name, fmt="torchscript", log=lambda m: None)
-            return Predictor(TorchScriptBackend(out.model_path), out.record, source=str(checkpoint_file), **plain)
-        return load_predictor(checkpoint_file, backend="auto", threads=threads)
-
-    size = record["preprocessing"]["input_size"]
-    prep = Preprocessing.from_dict(record["preprocessing"])
-    single, batch = parity_images(prep, 1, seed=1), parity_images(prep, batch_size, seed=2)
-    log(f"{meta['model']['name']} at {size}x{size}, {len(record['classes']['names'])} classes; batch {batch_size}; "
+    log(f"{meta['model']['name']} at {size}x{size}, {len(meta['classes']['names'])} classes; batch {batch_size}; "
         f"{threads} thread(s); load average {environment['load_average_start'][0]:.2f}")
-
-    for name in variants:
-        results[name] = VariantResult(name=name, description=VARIANTS[name])
-        began = time.perf_counter()
-        try:
-            predictor = build(name)
-            # Warm-up at both shapes: compiles (torch.compile) and allocates (ONNX Runtime) before timing.
-            for _ in range(3):
-                predictor.probabilities(single)
-            predictor.probabilities(batch)
-        except (ResnetlabError, ExportError) as err:
-            results[name].skipped = str(err)
-            log(f"{name}: skipped ({err})")
-            continue
-        results[name].setup_seconds = round(time.perf_counter() - began, 2)
-        results[name].backend = predictor.backend.describe() | {"micro_batch": predictor.micro_batch}
-        predictors[name] = predictor
-        log(f"{name}: ready in {results[name].setup_seconds:.1f} s")
-
-    # Parity with the baseline on the same batch (softmax probabilities, what users see).
-    reference = predictors["eager"].probabilities(batch) if "eager" in predictors else None
-    for name, predictor in predictors.items():
-        if reference is not None:
-            probs = predictor.probabilities(batch)
-            results[name].max_abs_probability_difference = float((probs - reference).abs().max())
-            results[name].top1_agreement = float((probs.argmax(1) == reference.argmax(1)).float().mean())
-
-    latencies: dict[str, list[float]] = {name: [] for name in predictors}
+    results = {name: VariantResult(name=name, description=VARIANTS[name]) for name in variants}
+    workers: dict[str, _Worker] = {}
+    context = multiprocessing.get_context("spawn")  # a clean interpreter per variant: no inherited thread pools
     per_round = max(1, latency_calls // rounds)
-    for round_index in range(rounds):
-        for name, predictor in predictors.items():
-            for _ in range(per_round):
-                began = time.perf_counter()
-                predictor.probabilities(single)
-                latencies[name].append(time.perf_counter() - began)
-            calls, began = 0, time.perf_counter()
-            while True:
-                predictor.probabilities(batch)
-                calls += 1
-                elapsed = time.perf_counter() - began
-                if elapsed >= min_round_seconds:
-                    break
-            results[name].throughput_rounds.append(round(calls * batch_size / elapsed, 2))
-        log(f"round {round_index + 1}/{rounds} done")
+    try:
+        with tempfile.TemporaryDirectory(prefix="resnetlab-bench-") as scratch:
+            for name in variants:  # one at a time, so that setup times are not measured against each other
+                spec = {"name": name, "checkpoint": str(checkpoint_file), "threads": threads,
+                        "batch_size": batch_size, "calibration_data": calibration_data, "workdir": scratch}
+                worker = _Worker(context, spec)
+                reply = worker.receive()
+                if reply[0] == "skipped":
+                    results[name].skipped = reply[1]
+                    log(f"{name}: skipped ({reply[1]})")
+                    worker.stop()
+                    continue
+                _, setup, describe, accuracy = reply
+                results[name].setup_seconds = round(setup, 2)
+                results[name].backend, results[name].accuracy = describe, accuracy
+                workers[name] = worker
+                log(f"{name}: ready in {setup:.1f} s")
 
-    for name in predictors:
+            _parity(workers, results)
+            latencies: dict[str, list[float]] = {name: [] for name in workers}
+            for round_index in range(rounds):
+                for name, worker in workers.items():
+                    time.sleep(SETTLE_SECONDS)
+                    latencies[name] += worker.ask("latency", per_round)
+                    time.sleep(SETTLE_SECONDS)
+                    results[name].throughput_rounds.append(round(worker.ask("throughput", min_round_seconds), 2))
+                log(f"round {round_index + 1}/{rounds} done")
+    finally:
+        for worker in workers.values():
+            worker.stop()
+
+    for name, times in latencies.items():
         result = results[name]
-        result.latency_calls = len(latencies[name])
-        result.latency_ms_p50 = round(_percentile(latencies[name], 50) * 1000, 4)
-        result.latency_ms_p99 = round(_percentile(latencies[name], 99) * 1000, 4)
+        result.latency_calls = len(times)
+        result.latency_ms_p50 = round(float(np.percentile(times, 50)) * 1000, 4)
+        result.latency_ms_p99 = round(float(np.percentile(times, 99)) * 1000, 4)
         result.throughput = round(statistics.median(result.throughput_rounds), 2)
-
     environment["load_average_end"] = list(os.getloadavg())
     environment["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    report = {
+    return {
         "checkpoint": str(checkpoint_file),
         "model": meta["model"]["name"],
         "input_size": size,
-        "num_classes": len(record["classes"]["names"]),
+        "num_classes": len(meta["classes"]["names"]),
         "batch_size": batch_size,
         "latency_calls": per_round * rounds,
         "rounds": rounds,
+        "method": "one worker process per variant; interleaved rounds; Predictor.probabilities on random uint8 "
+                  "images (normalization and softmax included)",
         "environment": environment,
         "variants": [asdict(results[name]) for name in variants],
         "ratios_to_eager": _ratios(results),
     }
-    return report
+
+
+def _parity(workers: dict[str, _Worker], results: dict[str, VariantResult]) -> None:
+    """Each variant's outputs on the same batch against eager float32 (probabilities and relative logits)."""
+    if "eager" not in workers:
+        return
+    reference = torch.from_numpy(workers["eager"].ask("outputs"))
+    scale = max(1.0, float(reference.abs().max()))
+    for name, worker in workers.items():
+        outputs = torch.from_numpy(worker.ask("outputs"))
+        result = results[name]
+        result.max_abs_probability_difference = float((outputs.softmax(1) - reference.softmax(1)).abs().max())
+        result.max_relative_logit_difference = float((outputs - reference).abs().max()) / scale
+        result.top1_agreement = float((outputs.argmax(1) == reference.argmax(1)).float().mean())
 
 
 def _ratios(results: dict[str, VariantResult]) -> dict[str, dict[str, float]]:
@@ -220,10 +306,6 @@ def _ratios(results: dict[str, VariantResult]) -> dict[str, dict[str, float]]:
     base = results.get("eager")
     if base is None or base.latency_ms_p50 is None:
         return {}
-    ratios = {}
-    for name, result in results.items():
-        if result.latency_ms_p50 is None:
-            continue
-        ratios[name] = {"latency_speedup": round(base.latency_ms_p50 / result.latency_ms_p50, 3),
-                        "throughput_speedup": round(result.throughput / base.throughput, 3)}
-    return ratios
+    return {name: {"latency_speedup": round(base.latency_ms_p50 / result.latency_ms_p50, 3),
+                   "throughput_speedup": round(result.throughput / base.throughput, 3)}
+            for name, result in results.items() if result.latency_ms_p50 is not None}

@@ -105,12 +105,13 @@ class Predictor:
 
     # -- uint8 batch -> probabilities ------------------------------------------------------------------------------
 
-    def _outputs(self, x: torch.Tensor) -> torch.Tensor:
+    def outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalized float32 batch -> the model's outputs (logits for every resnetlab model), in micro-batches."""
         chunks = [self.backend.run(x[start : start + self.micro_batch]) for start in range(0, len(x), self.micro_batch)]
         return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
 
     def _probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        outputs = self._outputs(x)
+        outputs = self.outputs(x)
         return outputs.softmax(dim=1) if self.output_kind == "logits" else outputs
 
     def probabilities(self, batch_uint8: torch.Tensor, *, tta_flip: bool = False) -> torch.Tensor:
