@@ -33,6 +33,7 @@ from resnetlab.engine.optim import GradientPerturbation, create_optimizer, froze
 from resnetlab.engine.runtime import Runtime, rng_state, set_rng_state
 from resnetlab.engine.schedule import Schedule
 from resnetlab.errors import ConfigError
+from resnetlab.evaluation.tta import tta_log_probabilities
 from resnetlab.utils.io import atomic_write
 from resnetlab.utils.runlog import RunLog
 
@@ -67,11 +68,12 @@ class TrainOutcome:
 
 
 @torch.no_grad()
-def evaluate_loader(model: nn.Module, batches, runtime: Runtime, *, collect: bool = False, tta_flip: bool = False):
+def evaluate_loader(model: nn.Module, batches, runtime: Runtime, *, collect: bool = False, tta_flip: bool = False,
+                    tta_crops: bool = False):
     """Mean loss, top-1 and top-5 over ``batches``; with ``collect``, also the logits and targets.
 
-    ``tta_flip`` averages the softmax of each image and its mirror image (test-time augmentation) and returns the
-    log of that average as the logits.
+    ``tta_flip`` / ``tta_crops`` average the softmax over mirror images and corner crops (test-time augmentation,
+    :mod:`resnetlab.evaluation.tta`) and return the log of that average as the logits.
     """
     model.eval()
     total_loss = torch.zeros((), dtype=torch.float64, device=runtime.device)
@@ -83,10 +85,10 @@ def evaluate_loader(model: nn.Module, batches, runtime: Runtime, *, collect: boo
         images = runtime.to_input(images)
         targets = targets.to(runtime.device)
         with runtime.autocast():
-            logits = model(images).float()
-            if tta_flip:
-                probs = (logits.softmax(dim=1) + model(images.flip(-1)).float().softmax(dim=1)) / 2
-                logits = probs.clamp(min=1e-12).log()
+            if tta_flip or tta_crops:
+                logits = tta_log_probabilities(model, images, flip=tta_flip, crops=tta_crops)
+            else:
+                logits = model(images).float()
         total_loss += F.cross_entropy(logits, targets, reduction="sum").double()
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices

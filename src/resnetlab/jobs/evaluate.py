@@ -33,17 +33,19 @@ GRADCAM_IMAGES = 16
 def evaluate_model_on_batches(model, runtime: Runtime, batches, table: SampleTable, *, class_names: list[str],
                               prep: Preprocessing, out_dir: Path, val_batches=None, topk: int = 5,
                               gradcam: bool = True, split_name: str = "test", labels_present: list[int] | None = None,
-                              tta: bool = False, log: Callable[[str], None] = print):
+                              tta: bool = False, flip_allowed: bool = False, log: Callable[[str], None] = print):
     from resnetlab.evaluation.metrics import evaluate_predictions
 
-    _, logits, targets = evaluate_loader(model, batches, runtime, collect=True, tta_flip=tta)
+    flip = tta and flip_allowed
+    _, logits, targets = evaluate_loader(model, batches, runtime, collect=True, tta_flip=flip, tta_crops=tta)
     val_logits = val_targets = None
     if val_batches is not None:
-        _, val_logits, val_targets = evaluate_loader(model, val_batches, runtime, collect=True, tta_flip=tta)
+        _, val_logits, val_targets = evaluate_loader(model, val_batches, runtime, collect=True, tta_flip=flip,
+                                                     tta_crops=tta)
     result = evaluate_predictions(logits, targets, class_names, paths=table.paths, val_logits=val_logits,
                                   val_targets=val_targets, topk=topk, labels_present=labels_present)
     result.metrics["split"] = split_name
-    result.metrics["tta"] = "horizontal flip" if tta else "none"
+    result.metrics["tta"] = ("5 crops" + (" x horizontal flip" if flip else "")) if tta else "none"
     result.save(out_dir)
     if gradcam:
         _save_gradcam(model, runtime, table, targets, logits, class_names, prep, out_dir / "gradcam.npz")
@@ -143,12 +145,12 @@ def evaluate_job(checkpoint: Path, data_spec: str | None, split: str, out_dir: P
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     batches, table = eval_batches_for_table(table, prep, batch_size or saved.data.eval_batch_size, split=split)
-    if tta and not get_policy(saved.augment.preset).hflip:
+    flip_allowed = bool(get_policy(saved.augment.preset).hflip)
+    if tta and not flip_allowed:
         log(f"note: the '{saved.augment.preset}' augmentation preset does not flip images (mirror-image classes), "
-            "so test-time augmentation is off")
-        tta = False
+            "so test-time augmentation uses crops only, no flips")
     evaluate_model_on_batches(model, runtime, batches, table, class_names=list(meta["classes"]["names"]), prep=prep,
                               out_dir=out_dir, topk=saved.eval.topk, gradcam=saved.eval.gradcam, split_name=split,
-                              labels_present=labels_present, tta=tta, log=log)
+                              labels_present=labels_present, tta=tta, flip_allowed=flip_allowed, log=log)
     return out_dir
 
