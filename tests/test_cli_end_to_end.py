@@ -143,3 +143,29 @@ def test_module_entry_point_and_help():
     assert result.returncode == 0
     for group in ("Data", "Model", "Training", "Output"):
         assert group in result.stdout
+
+
+def test_compare_a_run_with_its_evaluation_on_a_class_subset(tiny_run, tiny_signs, tmp_path, capsys):
+    """A second test set holding only some classes, then `compare`: per-class deltas for the classes both have."""
+    import csv as csv_module
+
+    rows = []
+    with open(tiny_signs / "Test.csv", newline="") as handle:
+        for row in csv_module.DictReader(handle):
+            if row["ClassId"] in ("14", "17"):
+                rows.append({"Path": str(tiny_signs / row["Path"]), "ClassId": row["ClassId"]})
+    subset = tmp_path / "stop_and_no_entry.csv"
+    with open(subset, "w", newline="") as handle:
+        writer = csv_module.DictWriter(handle, fieldnames=["Path", "ClassId"])
+        writer.writeheader()
+        writer.writerows(rows)
+    shifted = tmp_path / "shifted"
+    assert main(["evaluate", str(tiny_run / "checkpoints" / "best.pt"), "--data", f"csv:{subset}", "--out",
+                 str(shifted)]) == 0
+    metrics = json.loads((shifted / "metrics.json").read_text())
+    assert metrics["num_samples"] == len(rows)
+    assert main(["compare", str(tiny_run), str(shifted), "--out", str(tmp_path / "cmp")]) == 0
+    with open(tmp_path / "cmp" / "per_class_delta.csv", newline="") as handle:
+        deltas = list(csv_module.DictReader(handle))
+    assert {"Stop", "No entry"} <= {row[next(iter(row))] for row in deltas}
+    assert (tmp_path / "cmp" / "compare.html").is_file()

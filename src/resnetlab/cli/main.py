@@ -197,6 +197,25 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory (or an 
     typer.echo(f"{md}\n{html}")
 
 
+@app.command()
+def compare(
+    dirs: Annotated[list[Path], typer.Argument(help="Run directories or evaluation folders; the first is the baseline")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: compare-<time>)")] = None,
+) -> None:
+    """Side-by-side metrics with per-class deltas and overlaid training curves (recipes, domains, time budgets)."""
+    from datetime import datetime
+
+    from resnetlab.reporting.compare import compare_runs
+
+    if len(dirs) < 2:
+        fail("compare needs at least two run or evaluation folders")
+    for folder in dirs:
+        if not folder.is_dir():
+            fail(f"'{folder}' is not a folder; pass run directories or evaluation folders")
+    out = out or Path(f"compare-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    typer.echo(str(compare_runs(list(dirs), out)))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # registries
 # ---------------------------------------------------------------------------------------------------------------
