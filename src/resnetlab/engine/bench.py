@@ -59,9 +59,7 @@ def _synthetic_run_data(cfg, num_classes: int, images: torch.Tensor, labels: tor
                             drop_last=True)
     source = DatasetSource(spec="benchmark", root=Path("."), class_ids=list(range(num_classes)),
                            class_names=[str(i) for i in range(num_classes)], splits={"train": empty})
-    # A one-sample validation table: the Trainer checks that monitored settings have something to monitor.
-    placeholder_val = SampleTable(["(benchmark)"], np.zeros(1, dtype=np.int64))
-    plan = SplitPlan(train=empty, val=placeholder_val, test=empty, strategy="none", sources={})
+    plan = SplitPlan(train=empty, val=empty, test=empty, strategy="none", sources={})
     return RunData(source=source, plan=plan, prep=prep, train=batches, val=batches, test=batches,
                    train_counts=np.ones(num_classes, dtype=np.int64), in_memory=True)
 

@@ -170,7 +170,7 @@ class Trainer:
         t = cfg.train
         # Without a validation split (data.val_fraction=0: a refit on all training data) every epoch counts as the
         # best, so the last weights are kept; nothing can be monitored.
-        self.has_val = len(data.plan.val) > 0
+        self.has_val = len(data.val) > 0
         if not self.has_val and (t.early_stopping_patience or cfg.schedule.name == "plateau"):
             raise ConfigError("early stopping and the plateau schedule monitor the validation split, but "
                               "data.val_fraction=0 leaves none; give a validation fraction or drop them")
