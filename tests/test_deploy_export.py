@@ -105,6 +105,22 @@ def test_checkpoint_exports_and_default_path_predict_the_same(tiny_checkpoint, o
     assert (export_cache_dir(tiny_checkpoint) / "model.onnx").is_file()
 
 
+def test_tta_matches_evaluate_and_agrees_across_backends(tiny_checkpoint, onnx_export, mixed_images):
+    from resnetlab.data.preprocessing import normalize
+    from resnetlab.evaluation.tta import tta_log_probabilities
+
+    eager = load_predictor(tiny_checkpoint, backend="torch")
+    batch = torch.stack([eager.prepare(path) for path in mixed_images])
+    with torch.no_grad():  # what `evaluate --tta` computes for this model (signs: crops, no mirror images)
+        expected = tta_log_probabilities(eager.backend.model, normalize(batch, eager.mean, eager.std), flip=False,
+                                         crops=True).exp()
+    averaged = eager.probabilities(batch, tta=True)
+    torch.testing.assert_close(averaged, expected, atol=1e-6, rtol=0)
+    assert not torch.allclose(averaged, eager.probabilities(batch), atol=1e-4)  # the views do change the answer
+    exported = load_predictor(onnx_export.out_dir).probabilities(batch, tta=True)
+    torch.testing.assert_close(exported, averaged, atol=PARITY, rtol=0)
+
+
 def test_parity_failure_stops_the_export_and_writes_nothing(tiny_checkpoint, tmp_path, monkeypatch):
     from resnetlab.deployment import export as export_module
 

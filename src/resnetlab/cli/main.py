@@ -154,7 +154,7 @@ def predict(
     topk: Annotated[int, typer.Option("--topk", "-k", help="Classes to show per image")] = 5,
     output_format: Annotated[str, typer.Option("--format", "-f", help="table, csv or json")] = "table",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images decoded and predicted together")] = 64,
-    tta: Annotated[bool, typer.Option("--tta", help="Average with the mirror image (only for models trained with flips)")] = False,
+    tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation as `evaluate --tta`: 5 crops, and mirror images where the training augmentation flips")] = False,
     backend: Annotated[str, typer.Option("--backend", help="auto (ONNX Runtime, exporting a checkpoint once into the cache), torch, onnxruntime or torchscript")] = "auto",
 ) -> None:
     """Predict the classes of images, with confidences. Exit code 1 if any file could not be read."""
@@ -173,11 +173,7 @@ def predict(
     if not paths:
         fail(f"no image files found in {' '.join(inputs)}")
     predictor = load_predictor(checkpoint, backend=backend, log=lambda m: typer.echo(m, err=True))
-    if tta and predictor.record.get("test_time_flip") is False:
-        typer.echo("note: this model was trained without mirrored images (mirror-image classes), so --tta is off",
-                   err=True)
-        tta = False
-    results = predictor.predict_paths(paths, topk=topk, batch_size=batch_size, tta_flip=tta)
+    results = predictor.predict_paths(paths, topk=topk, batch_size=batch_size, tta=tta)
     print_predictions(results, output_format)
     failed = [r for r in results if r.error]
     for r in failed:

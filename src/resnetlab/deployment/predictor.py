@@ -114,23 +114,29 @@ class Predictor:
         outputs = self.outputs(x)
         return outputs.softmax(dim=1) if self.output_kind == "logits" else outputs
 
-    def probabilities(self, batch_uint8: torch.Tensor, *, tta_flip: bool = False) -> torch.Tensor:
-        """uint8 [B, 3, S, S] (as :meth:`prepare` makes) -> class probabilities [B, C], float32."""
+    def probabilities(self, batch_uint8: torch.Tensor, *, tta: bool = False) -> torch.Tensor:
+        """uint8 [B, 3, S, S] (as :meth:`prepare` makes) -> class probabilities [B, C], float32.
+
+        ``tta`` averages the softmax over the views ``evaluate --tta`` uses (:mod:`resnetlab.evaluation.tta`): the
+        image, four corner crops, and their mirror images only where the model was trained with flips.
+        """
         x = normalize(batch_uint8, self.mean, self.std)
-        probs = self._probabilities(x)
-        if tta_flip:
-            probs = (probs + self._probabilities(x.flip(-1))) / 2
-        return probs
+        if not tta:
+            return self._probabilities(x)
+        from resnetlab.evaluation.tta import tta_views
+
+        views = tta_views(x, flip=self.record.get("test_time_flip") is True, crops=True)
+        return torch.stack([self._probabilities(view) for view in views]).mean(dim=0)
 
     # -- whole predictions ---------------------------------------------------------------------------------------
 
     def predict_tensors(self, batch_uint8: torch.Tensor, names: Sequence[str], *, topk: int = 5,
-                        tta_flip: bool = False) -> list[Prediction]:
-        probs = self.probabilities(batch_uint8, tta_flip=tta_flip)
+                        tta: bool = False) -> list[Prediction]:
+        probs = self.probabilities(batch_uint8, tta=tta)
         return [self._fill(Prediction(name), row, topk) for name, row in zip(names, probs)]
 
     def predict_paths(self, paths: list[str], *, topk: int = 5, batch_size: int = 64,
-                      tta_flip: bool = False) -> list[Prediction]:
+                      tta: bool = False) -> list[Prediction]:
         """Predictions in the order of ``paths``; an unreadable file gets a Prediction with ``error`` set."""
         results: list[Prediction] = []
         for start in range(0, len(paths), batch_size):
@@ -142,7 +148,7 @@ class Predictor:
                 except DataError as err:
                     results.append(Prediction(path, error=str(err)))
             if tensors:
-                results += self.predict_tensors(torch.stack(tensors), names, topk=topk, tta_flip=tta_flip)
+                results += self.predict_tensors(torch.stack(tensors), names, topk=topk, tta=tta)
         order = {p: i for i, p in enumerate(paths)}
         return sorted(results, key=lambda r: order[r.path])
 
