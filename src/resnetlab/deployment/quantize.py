@@ -44,9 +44,8 @@ def load_labelled_samples(spec: str | None, meta: dict[str, Any], prep: Preproce
     own test split.
     """
     from resnetlab.config import DataConfig, RunConfig
-    from resnetlab.data.datasets import open_dataset
     from resnetlab.data.splits import plan_splits
-    from resnetlab.jobs.evaluate import map_classes_to_model
+    from resnetlab.jobs.evaluate import open_dataset_for_model
 
     try:
         saved_data = RunConfig.model_validate(meta["config"]).data.model_dump()
@@ -56,14 +55,7 @@ def load_labelled_samples(spec: str | None, meta: dict[str, Any], prep: Preproce
     if not spec:
         raise ResnetlabError("the checkpoint does not record its training data; pass --calibration-data SPEC")
     data_cfg = DataConfig.model_validate({**saved_data, "spec": spec})
-    try:
-        source = open_dataset(data_cfg)
-    except DataError:
-        if not data_cfg.classes:
-            raise
-        # Another dataset may lack some of the run's classes: read all and map them onto the model's.
-        source = open_dataset(DataConfig.model_validate({**data_cfg.model_dump(), "classes": None}))
-    mapping = map_classes_to_model(source, meta["classes"]["ids"], meta["classes"]["names"])
+    source, mapping = open_dataset_for_model(data_cfg, meta)
     plan = plan_splits(source.splits, strategy=data_cfg.split, val_fraction=data_cfg.val_fraction,
                        test_fraction=data_cfg.test_fraction, seed=data_cfg.split_seed, group_kind=source.group_kind)
     held_out_name = "test" if len(plan.test) else "val"

@@ -93,6 +93,18 @@ def map_classes_to_model(source: DatasetSource, model_ids: list, model_names: li
     return np.asarray(mapping, dtype=np.int64)
 
 
+def open_dataset_for_model(data_cfg: DataConfig, meta: dict) -> tuple[DatasetSource, np.ndarray]:
+    """Read a dataset for a trained model: the source, and each of its classes' index in the model (or -1)."""
+    try:
+        source = open_dataset(data_cfg)
+    except DataError:
+        if not data_cfg.classes:
+            raise
+        # A foreign set may lack some of the classes the run kept: read all of its classes and map them instead.
+        source = open_dataset(DataConfig.model_validate({**data_cfg.model_dump(), "classes": None}))
+    return source, map_classes_to_model(source, meta["classes"]["ids"], meta["classes"]["names"])
+
+
 def evaluate_job(checkpoint: Path, data_spec: str | None, split: str, out_dir: Path, *, tta: bool = False,
                  device: str = "auto", batch_size: int | None = None, log: Callable[[str], None] = print) -> Path:
     state = load_checkpoint(checkpoint)
@@ -101,14 +113,7 @@ def evaluate_job(checkpoint: Path, data_spec: str | None, split: str, out_dir: P
     saved = RunConfig.model_validate(meta["config"])
     data_cfg = DataConfig.model_validate({**saved.data.model_dump(), "spec": data_spec or saved.data.spec})
 
-    try:
-        source = open_dataset(data_cfg)
-    except DataError:
-        if not data_cfg.classes:
-            raise
-        # A foreign set may lack some of the classes the run kept: read all of its classes and map them instead.
-        source = open_dataset(DataConfig.model_validate({**data_cfg.model_dump(), "classes": None}))
-    mapping = map_classes_to_model(source, meta["classes"]["ids"], meta["classes"]["names"])
+    source, mapping = open_dataset_for_model(data_cfg, meta)
     same_dataset = source.fingerprint() == meta["data"]["fingerprint"]
 
     if split == "all":
