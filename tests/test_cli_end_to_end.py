@@ -46,6 +46,10 @@ def test_run_directory_contract(tiny_run):
     with open(tiny_run / "eval" / "predictions.csv") as handle:
         header = next(csv.reader(handle))
     assert header[:4] == ["path", "true", "pred", "confidence"]
+    with open(tiny_run / "splits.csv") as handle:
+        manifest = list(csv.DictReader(handle))
+    assert {r["split"] for r in manifest} == {"train", "val", "test"}
+    assert all(len(r["roi"].split()) == 4 for r in manifest)  # what `report` needs to crop galleries as trained
 
 
 def test_checkpoint_loads_with_weights_only_and_rebuilds_the_model(tiny_run):

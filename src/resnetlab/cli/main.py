@@ -187,9 +187,11 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory (or an 
     """Re-render report.md, report.html and the plots from a run's data files alone."""
     from resnetlab.reporting.report import render_report
 
+    from resnetlab.jobs.train import gallery_image_loader
+
     if not run_dir.is_dir():
         fail(f"'{run_dir}' is not a folder; pass a run directory")
-    md, html = render_report(run_dir)
+    md, html = render_report(run_dir, load_image=gallery_image_loader(run_dir))
     typer.echo(f"{md}\n{html}")
 
 

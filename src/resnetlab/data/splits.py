@@ -119,14 +119,16 @@ def plan_splits(splits: dict[str, SampleTable], *, strategy: str, val_fraction: 
 
 
 def write_split_manifest(plan: SplitPlan, class_names: list[str], path: Path) -> None:
-    """One row per sample: split, path, label index and name, group: the audit trail of who went where."""
+    """One row per sample: split, path, label index and name, group and ROI box ("x1 y1 x2 y2"): the audit trail of
+    who went where, and what a report needs to show each image as the model saw it."""
     def rows():
-        yield ["split", "path", "label", "class_name", "group"]
+        yield ["split", "path", "label", "class_name", "group", "roi"]
         for name in ("train", "val", "test"):
             table = getattr(plan, name)
             for i, (p, label) in enumerate(zip(table.paths, table.labels.tolist())):
                 group = "" if table.groups is None else table.groups[i]
-                yield [name, p, label, class_names[label], group]
+                roi = "" if table.rois is None or table.rois[i][0] < 0 else " ".join(map(str, table.rois[i].tolist()))
+                yield [name, p, label, class_names[label], group, roi]
 
     with atomic_write(path, "w", newline="") as handle:
         csv.writer(handle).writerows(rows())

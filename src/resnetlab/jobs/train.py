@@ -159,8 +159,9 @@ def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, *, 
     if resume:
         trainer.resume_from(out / "checkpoints" / "last.pt")
     outcome = trainer.fit()
-    log(f"training stopped: {outcome.stopped_because}; best {cfg.train.monitor} {outcome.best_metric:.4f} at epoch "
-        f"{outcome.best_epoch}; {outcome.train_seconds:.1f}s of training")
+    kept = (f"best {cfg.train.monitor} {outcome.best_metric:.4f} at epoch {outcome.best_epoch}" if trainer.has_val
+            else f"no validation split, kept epoch {outcome.best_epoch}")
+    log(f"training stopped: {outcome.stopped_because}; {kept}; {outcome.train_seconds:.1f}s of training")
     dist.barrier()
     if not dist.is_main:
         dist.close()
@@ -183,7 +184,7 @@ def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, *, 
     if report:
         from resnetlab.reporting.report import render_report
 
-        md, html = render_report(out, load_image=roi_image_loader(data))
+        md, html = render_report(out, load_image=gallery_image_loader(out))
         log(f"report: {md} and {html}")
     dist.close()
     return out
@@ -202,18 +203,24 @@ def per_rank_config(cfg: RunConfig, world_size: int) -> RunConfig:
     return cfg.model_copy(update={"data": cfg.data.model_copy(update={"batch_size": cfg.data.batch_size // world_size})})
 
 
-def roi_image_loader(data: RunData):
-    """Open an image as the model saw it (ROI-cropped), for the report's galleries."""
-    from resnetlab.data.preprocessing import load_image
+def gallery_image_loader(run_dir: Path):
+    """Open an image as the model saw it (ROI-cropped, from the run's splits.csv), for the report's galleries.
 
+    Built from the run's files alone, so `resnetlab report RUN_DIR` re-renders the same galleries as the run did.
+    """
+    from resnetlab.config import load_yaml
+    from resnetlab.data.preprocessing import load_image
+    from resnetlab.utils.io import read_csv
+
+    manifest = run_dir / "splits.csv"
     rois = {}
-    for name in ("train", "val", "test"):
-        table = getattr(data.plan, name)
-        if table.rois is not None:
-            rois.update(zip(table.paths, table.rois))
+    if manifest.is_file():
+        rois = {row["path"]: [int(v) for v in row["roi"].split()] for row in read_csv(manifest) if row.get("roi")}
+    config = run_dir / "config.yaml"
+    roi_crop = bool(load_yaml(config).get("data", {}).get("roi_crop", True)) if config.is_file() else True
 
     def load(path: str):
-        return load_image(path, rois.get(path), data.prep.roi_crop)
+        return load_image(path, rois.get(path), roi_crop)
 
     return load
 
