@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -33,6 +32,3 @@ class RunLog:
             self._handle.close()
             self._handle = None
 
-
-def stderr_is_terminal() -> bool:
-    return sys.stderr.isatty()
