@@ -112,11 +112,10 @@ def bench_data_command(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """The input pipeline's images/s against the model's consumption (the same measurement as `data profile`)."""
-    from resnetlab.config import build_config
+    from resnetlab.cli.data_cmd import data_tool_config
     from resnetlab.data.profile import profile_pipeline
-    from resnetlab.recipes import load_recipe
 
-    cfg = build_config(load_recipe(recipe) if recipe else {}, {"data.spec": data}, list(overrides or []))
+    cfg = data_tool_config(data, recipe, overrides)
     result = profile_pipeline(cfg, train_steps=steps, log=lambda m: typer.echo(m, err=True))
     record = result.to_dict()
     if as_json:

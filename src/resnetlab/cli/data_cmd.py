@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(data_app, name="data")
 
 
-def _config(spec: str | None, recipe: str | None, overrides: list[str] | None):
+def data_tool_config(spec: str | None, recipe: str | None, overrides: list[str] | None):
     """The run config these tools look at the data through: a recipe (default: none, i.e. the config defaults),
     then --data, then KEY=VALUE overrides, exactly as `resnetlab train` resolves them."""
     from resnetlab.config import build_config
@@ -54,7 +54,7 @@ def data_inspect(
     from resnetlab.cli.render import print_table
     from resnetlab.data.inspect import inspect_dataset
 
-    cfg = _config(spec, recipe, overrides)
+    cfg = data_tool_config(spec, recipe, overrides)
     result = inspect_dataset(cfg, out_dir=out, samples_per_class=samples, log=_echo_err)
     if as_json:
         typer.echo(json.dumps(result, indent=2, default=str))
@@ -106,7 +106,7 @@ def data_stats(
     from resnetlab.cli.render import print_table
     from resnetlab.data.stats import compute_dataset_stats
 
-    cfg = _config(spec, recipe, overrides)
+    cfg = data_tool_config(spec, recipe, overrides)
     stats = compute_dataset_stats(cfg, per_class=per_class, log=_echo_err)
     if as_json:
         typer.echo(json.dumps(stats.to_dict(), indent=2))
@@ -162,7 +162,7 @@ def data_profile(
 
     if min(files, batches, steps) < 1:
         fail("--files, --batches and --steps must be at least 1")
-    cfg = _config(data, recipe, overrides)
+    cfg = data_tool_config(data, recipe, overrides)
     result = profile_pipeline(cfg, files=files, batches=batches, train_steps=steps, log=_echo_err)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
