@@ -32,9 +32,10 @@ def test_run_directory_contract(tiny_run):
     with open(tiny_run / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
-    for column in ("lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "epoch_seconds",
+    for column in ("lr", "train_loss", "train_top1", "train_top5", "val_loss", "val_top1", "val_top5", "epoch_seconds",
                    "images_per_second"):
         assert all(r[column] != "" for r in rows), column
+    assert all(float(r["train_top5"]) >= float(r["train_top1"]) for r in rows)
     assert float(rows[1]["lr"]) < float(rows[0]["lr"])  # cosine decays
     metrics = json.loads((tiny_run / "eval" / "metrics.json").read_text())
     for key in ("top1", "top5", "balanced_accuracy", "macro_precision", "macro_recall", "macro_f1"):
@@ -173,3 +174,22 @@ def test_compare_a_run_with_its_evaluation_on_a_class_subset(tiny_run, tiny_sign
         deltas = list(csv_module.DictReader(handle))
     assert {"Stop", "No entry"} <= {row[next(iter(row))] for row in deltas}
     assert (tmp_path / "cmp" / "compare.html").is_file()
+
+
+def test_evaluate_takes_data_overrides_but_not_the_models_preprocessing(tiny_run, tiny_signs, tmp_path, capsys):
+    checkpoint = str(tiny_run / "checkpoints" / "best.pt")
+    out = tmp_path / "subset"
+    # the test split of the synthetic signs, only two of its classes (GTSRB ClassIds 14 and 17)
+    assert main(["evaluate", checkpoint, "--data", f"gtsrb:{tiny_signs}", "--out", str(out),
+                 "data.classes=[14,17]"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    with open(tiny_signs / "Test.csv", newline="") as handle:
+        expected = sum(row["ClassId"] in ("14", "17") for row in csv.DictReader(handle))
+    assert metrics["num_samples"] == expected and metrics["num_classes"] == 2
+    capsys.readouterr()
+    for override, fragment in [("data.input_size=64", "model's preprocessing"), ("optim.lr=0.1", "data.* settings"),
+                               ("data.no_such_key=1", "no_such_key"), ("data.on_bad_image=maybe", "on_bad_image")]:
+        assert main(["evaluate", checkpoint, "--out", str(tmp_path / "refused"), override]) == 2, override
+        err = capsys.readouterr().err
+        assert fragment in err and "Traceback" not in err, err
+    assert not (tmp_path / "refused").exists()

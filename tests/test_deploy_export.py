@@ -74,7 +74,8 @@ def test_onnx_export_writes_model_and_record_and_checks_parity(onnx_export, tiny
     meta = state["meta"]
     assert record["classes"] == {"ids": meta["classes"]["ids"], "names": meta["classes"]["names"]}
     prep = record["preprocessing"]
-    for key in ("input_size", "resize", "crop_pct", "interpolation", "roi_crop", "mean", "std", "channel_order"):
+    for key in ("input_size", "resize", "crop_pct", "interpolation", "roi_crop", "mean", "std", "channel_order",
+                "contrast"):
         assert prep[key] == meta["preprocessing"][key], key
     assert record["output"]["kind"] == "logits"
     assert record["resnetlab_version"]
@@ -218,3 +219,19 @@ def test_a_damaged_export_record_is_a_clear_error(onnx_export, tmp_path, capsys)
     (damaged / RECORD_FILE).write_text("{not json")
     assert main(["predict", str(damaged), str(damaged / "model.onnx")]) == 2
     assert RECORD_FILE in capsys.readouterr().err
+
+
+def test_the_records_contrast_step_is_applied_when_predicting(onnx_export, mixed_images, tmp_path):
+    from resnetlab.data.preprocessing import Preprocessing, prepare_image
+
+    equalized = tmp_path / "equalized"
+    shutil.copytree(onnx_export.out_dir, equalized)
+    record = json.loads((equalized / RECORD_FILE).read_text())
+    assert record["preprocessing"]["contrast"] == "none"
+    record["preprocessing"]["contrast"] = "equalize"
+    (equalized / RECORD_FILE).write_text(json.dumps(record))
+    plain, stretched = load_predictor(onnx_export.out_dir), load_predictor(equalized)
+    path = mixed_images[0]
+    expected = prepare_image(path, Preprocessing.from_dict(record["preprocessing"]), None)
+    assert torch.equal(stretched.prepare(path), expected)
+    assert not torch.equal(plain.prepare(path), expected)

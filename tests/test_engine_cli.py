@@ -92,6 +92,30 @@ def test_class_weights_of_the_wrong_length_are_a_config_error(tiny_signs, tmp_pa
     assert "loss.class_weights has 3 numbers but the data has 11 classes" in capsys.readouterr().err
 
 
+def test_keep_last_keeps_the_final_epoch_whatever_validation_says(tiny_signs, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("resnetlab.reporting.report.render_report", lambda run_dir, **_: (run_dir, run_dir))
+    out = tmp_path / "last"
+    code = main(base_args(tiny_signs, out, epochs=3) + ["train.max_steps_per_epoch=3", "train.ema=true",
+                                                        "train.keep=last", "schedule.name=onecycle"])
+    assert code == 0
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["best_epoch"] == 3
+    assert [int(r["best"]) for r in rows(out)] == [1, 1, 1]
+    best = load_checkpoint(out / "checkpoints" / "best.pt")
+    last = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert best["meta"]["epoch"] == 3
+    # the raw or the EMA weights of the last epoch, whichever validated better then
+    kept = last["ema"] if best["meta"]["weights"] == "ema" else last["model"]
+    kept = {k.removeprefix("module."): v for k, v in kept.items() if k != "n_averaged"}
+    assert all(torch.equal(best["model"][k], kept[k]) for k in best["model"])
+    assert "kept the last epoch (3, train.keep=last)" in (out / "train.log").read_text()
+
+    capsys.readouterr()
+    code = main(base_args(tiny_signs, tmp_path / "refused", epochs=3) + ["train.keep=last",
+                                                                          "train.early_stopping_patience=2"])
+    assert code == 2 and "train.keep=last" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_compiled_training_saves_the_bare_model(tiny_signs, tmp_path, monkeypatch):
     """torch.compile on CPU needs a C++ compiler and takes a minute or two to compile: marked slow."""

@@ -39,6 +39,9 @@ class DataConfig(_Section):
     crop_pct: float = Field(0.875, gt=0, le=1)
     interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
     roi_crop: bool = Field(True, description="Crop to the ROI box where the dataset has one (GTSRB)")
+    contrast: Literal["none", "autocontrast", "equalize"] = Field(
+        "none", description="Per-image contrast normalization of the luminance before resizing, in training, "
+        "evaluation and deployment alike (GTSRB: 'equalize')")
     classes: list[int | str] | None = Field(None, description="Keep only these class ids or names, relabelled 0..k-1")
     split: Literal["auto", "stratified", "grouped"] = Field(
         "auto", description="How validation (and, when the dataset has none, test) is held out; auto = grouped where groups exist"
@@ -140,6 +143,10 @@ class TrainConfig(_Section):
     ema_warmup: bool = Field(True, description="EMA decay min(ema_decay, (1+n)/(10+n)) after n updates, as timm")
     ema_keep_best: bool = Field(True, description="best.pt holds the EMA weights in epochs where they validate better")
     monitor: Literal["val_top1", "val_loss"] = "val_top1"
+    keep: Literal["best", "last"] = Field(
+        "best", description="The weights best.pt holds and the test evaluates: the best epoch by train.monitor, or "
+        "the last epoch (schedules that anneal to zero, with a validation split too small to choose by: picking "
+        "the maximum of a noisy validation curve favours lucky epochs)")
     early_stopping_patience: int | None = Field(None, ge=1)
     early_stopping_min_delta: float = Field(0.0, ge=0)
     time_budget: float | None = Field(None, gt=0, description="Minutes of training, then stop cleanly")

@@ -53,7 +53,7 @@ class RunData:
 def base_preprocessing(cfg: RunConfig) -> Preprocessing:
     d = cfg.data
     return Preprocessing(input_size=d.input_size, resize=d.resize, crop_pct=d.crop_pct,
-                         interpolation=d.interpolation, roi_crop=d.roi_crop)
+                         interpolation=d.interpolation, roi_crop=d.roi_crop, contrast=d.contrast)
 
 
 def uses_memory(cfg: RunConfig) -> bool:

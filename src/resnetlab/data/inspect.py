@@ -126,7 +126,8 @@ def inspect_dataset(cfg: RunConfig, *, out_dir: Path | None = None, samples_per_
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(out_dir / "inspect.json", result)
         grid = out_dir / "samples_per_class.png"
-        prep = Preprocessing(input_size=tile, resize=d.resize, crop_pct=d.crop_pct, roi_crop=d.roi_crop)
+        prep = Preprocessing(input_size=tile, resize=d.resize, crop_pct=d.crop_pct, roi_crop=d.roi_crop,
+                             contrast=d.contrast)
         save_class_grid(source, plan.train, grid, prep, samples_per_class=samples_per_class, seed=d.split_seed)
         result["files"] = {"json": str(out_dir / "inspect.json"), "grid": str(grid)}
         if problems:

@@ -26,6 +26,7 @@ from resnetlab.data.preprocessing import (
     check_image,
     load_image,
     normalize,
+    normalize_contrast,
     pil_to_uint8,
     prepare_image,
     resize_to_input,
@@ -63,7 +64,7 @@ def files_signature(paths: list[str]) -> str:
 
 
 def geometry_key(prep: Preprocessing) -> str:
-    return f"{prep.input_size}-{prep.resize}-{prep.crop_pct}-{prep.interpolation}-{int(prep.roi_crop)}"
+    return f"{prep.input_size}-{prep.resize}-{prep.crop_pct}-{prep.interpolation}-{int(prep.roi_crop)}-{prep.contrast}"
 
 
 def decode_split(table: SampleTable, prep: Preprocessing, *, threads: int = 2, use_cache: bool = True) -> DecodedSplit:
@@ -259,7 +260,8 @@ class FileImageDataset(Dataset):
         if self.transform is None:
             tensor = pil_to_uint8(resize_to_input(image, self.prep))
         else:
-            tensor = self.transform(image)
+            # The transform resizes (and crops) by itself; the contrast step comes first, as in resize_to_input.
+            tensor = self.transform(normalize_contrast(image, self.prep.contrast))
         return tensor, int(self.table.labels[i])
 
 

@@ -7,7 +7,8 @@ so ``GET /model``, ``predict`` and ``export`` all read one shape of data::
      "model": {"name": "resnet20", "num_classes": 43, ...},
      "classes": {"ids": [...], "names": [...]},
      "preprocessing": {"input_size": 32, "resize": "squash", "crop_pct": 0.875, "interpolation": "bilinear",
-                       "roi_crop": true, "mean": [...], "std": [...], "channel_order": "RGB"},
+                       "roi_crop": true, "mean": [...], "std": [...], "channel_order": "RGB",
+                       "contrast": "none"},   # or "equalize"/"autocontrast": the luminance, per image, before resizing
      "input": {"name": "input", "shape": ["batch", 3, 32, 32], "dtype": "float32", "layout": "NCHW", ...},
      "output": {"name": "logits", "kind": "logits"},
      "test_time_flip": false,

@@ -37,12 +37,13 @@ from resnetlab.evaluation.tta import tta_log_probabilities
 from resnetlab.utils.io import atomic_write
 from resnetlab.utils.runlog import RunLog
 
-METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "grad_norm",
-                  "epoch_seconds", "images_per_second", "ema_val_top1", "ema_val_loss", "best"]
+METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_top1", "train_top5", "val_loss", "val_top1", "val_top5",
+                  "grad_norm", "epoch_seconds", "images_per_second", "ema_val_top1", "ema_val_loss", "best"]
 # metrics.csv column -> TensorBoard tag
 TENSORBOARD_TAGS = {"train_loss": "loss/train", "val_loss": "loss/val", "ema_val_loss": "loss/val_ema",
-                    "train_top1": "accuracy/train_top1", "val_top1": "accuracy/val_top1",
-                    "val_top5": "accuracy/val_top5", "ema_val_top1": "accuracy/val_ema_top1",
+                    "train_top1": "accuracy/train_top1", "train_top5": "accuracy/train_top5",
+                    "val_top1": "accuracy/val_top1", "val_top5": "accuracy/val_top5",
+                    "ema_val_top1": "accuracy/val_ema_top1",
                     "lr": "optim/lr", "grad_norm": "optim/grad_norm", "images_per_second": "speed/images_per_second",
                     "epoch_seconds": "speed/epoch_seconds"}
 PREVIEW_IMAGES = 64
@@ -174,6 +175,9 @@ class Trainer:
         if not self.has_val and (t.early_stopping_patience or cfg.schedule.name == "plateau"):
             raise ConfigError("early stopping and the plateau schedule monitor the validation split, but "
                               "data.val_fraction=0 leaves none; give a validation fraction or drop them")
+        if t.keep == "last" and t.early_stopping_patience:
+            raise ConfigError("train.keep=last keeps the last epoch, so early stopping (train.early_stopping_patience) "
+                              "would only cut the schedule short; use one or the other")
         self.base_optimizer = create_optimizer(model, cfg.optim)
         self.optimizer = wrap_optimizer(self.base_optimizer, cfg.optim)
         self.perturbation = self.optimizer if isinstance(self.optimizer, GradientPerturbation) else None
@@ -301,7 +305,8 @@ class Trainer:
                 improved, use_ema = self._track_best(val, ema_val)
                 row = {
                     "epoch": epoch, "lr": lr, "train_loss": train_result.loss,
-                    "train_top1": train_result.top1, "val_loss": val.loss if val else "",
+                    "train_top1": train_result.top1, "train_top5": train_result.top5,
+                    "val_loss": val.loss if val else "",
                     "val_top1": val.top1 if val else "", "val_top5": val.top5 if val else "",
                     "grad_norm": grad_norm, "epoch_seconds": seconds,
                     "images_per_second": images / seconds if seconds > 0 else 0.0,
@@ -342,6 +347,7 @@ class Trainer:
         device = self.runtime.device
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
+        correct5 = torch.zeros((), dtype=torch.int64, device=device)
         norm_sum = torch.zeros((), dtype=torch.float64, device=device)
         norm_count = torch.zeros((), dtype=torch.int64, device=device)
         seen = 0
@@ -367,7 +373,9 @@ class Trainer:
             n = hard_targets.numel()
             seen += n
             loss_sum += loss.detach().double() * n
-            correct += (logits.detach().argmax(dim=1) == hard_targets).sum()
+            top = logits.detach().topk(min(5, logits.shape[1]), dim=1).indices
+            correct += (top[:, 0] == hard_targets).sum()
+            correct5 += (top == hard_targets[:, None]).any(dim=1).sum()
             finite = torch.isfinite(grad_norm)
             norm_sum += torch.where(finite, grad_norm.double(), 0.0)
             norm_count += finite.long()
@@ -384,11 +392,12 @@ class Trainer:
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
         self.train_seconds += seconds
-        loss_total, correct_total, seen_total = self.dist.all_reduce_sum([loss_sum.item(), float(correct.item()),
-                                                                          float(seen)])
+        loss_total, correct_total, correct5_total, seen_total = self.dist.all_reduce_sum(
+            [loss_sum.item(), float(correct.item()), float(correct5.item()), float(seen)])
         count = int(norm_count.item())
         mean_norm = norm_sum.item() / count if count else float("nan")
-        result = EpochResult(loss_total / max(seen_total, 1), correct_total / max(seen_total, 1))
+        result = EpochResult(loss_total / max(seen_total, 1), correct_total / max(seen_total, 1),
+                             correct5_total / max(seen_total, 1))
         return result, seconds, int(seen_total), mean_norm, lr, out_of_time
 
     def train_step(self, images: torch.Tensor, targets: torch.Tensor):
@@ -463,7 +472,9 @@ class Trainer:
         candidate, use_ema = self._monitored(val), False
         if ema_val is not None and t.ema_keep_best and self._better(self._monitored(ema_val), candidate):
             candidate, use_ema = self._monitored(ema_val), True
-        improved = self.best_metric is None or self._better(candidate, self.best_metric, t.early_stopping_min_delta)
+        # keep=last: every epoch replaces the kept one (raw or EMA weights, whichever validates better now)
+        improved = (t.keep == "last" or self.best_metric is None
+                    or self._better(candidate, self.best_metric, t.early_stopping_min_delta))
         if improved:
             self.best_metric, self.best_epoch, self.bad_epochs = candidate, self.epoch, 0
             self.best_weights = "ema" if use_ema else "raw"
@@ -556,7 +567,8 @@ def _epoch_line(row: dict, epochs: int, out_of_time: bool = False) -> str:
     val = (f" val_loss {row['val_loss']:.4f} val_top1 {row['val_top1']:.4f} val_top5 {row['val_top5']:.4f}"
            if isinstance(row["val_top1"], float) else " (no validation split)")
     return (f"epoch {row['epoch']}/{epochs}{partial} lr {row['lr']:.3g} train_loss {row['train_loss']:.4f} "
-            f"train_top1 {row['train_top1']:.4f}{val}{ema} grad_norm {row['grad_norm']:.3g} {row['epoch_seconds']:.1f}s "
+            f"train_top1 {row['train_top1']:.4f} train_top5 {row['train_top5']:.4f}{val}{ema} "
+            f"grad_norm {row['grad_norm']:.3g} {row['epoch_seconds']:.1f}s "
             f"{row['images_per_second']:.0f} img/s{' *best*' if row['best'] else ''}")
 
 

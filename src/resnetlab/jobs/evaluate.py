@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from resnetlab.config import DataConfig, RunConfig
+from resnetlab.config import DataConfig, RunConfig, parse_override, set_dotted, validate_config
 from resnetlab.data.augment import get_policy
 from resnetlab.data.build import eval_batches_for_table
 from resnetlab.data.datasets import open_dataset
@@ -25,7 +25,7 @@ from resnetlab.data.splits import plan_splits
 from resnetlab.engine.checkpoint import load_checkpoint, model_from_checkpoint, preprocessing_from_meta
 from resnetlab.engine.runtime import Runtime, resolve_runtime
 from resnetlab.engine.trainer import evaluate_loader
-from resnetlab.errors import DataError
+from resnetlab.errors import ConfigError, DataError
 
 GRADCAM_IMAGES = 16
 
@@ -105,13 +105,37 @@ def open_dataset_for_model(data_cfg: DataConfig, meta: dict) -> tuple[DatasetSou
     return source, map_classes_to_model(source, meta["classes"]["ids"], meta["classes"]["names"])
 
 
+# data.* keys that describe the model's input: they come from the checkpoint and cannot change at evaluation.
+PREPROCESSING_KEYS = ("input_size", "resize", "crop_pct", "interpolation", "roi_crop", "contrast", "normalize")
+
+
+def evaluation_data_config(saved: RunConfig, data_spec: str | None, overrides: list[str] | None = None) -> DataConfig:
+    """The run's data settings for reading the data to evaluate: ``--data`` and ``data.*`` overrides applied.
+
+    Only ``data.*`` keys about which images to read and how (``data.classes``, ``data.on_bad_image``,
+    ``data.split_seed``, ...) may be overridden; the preprocessing is the checkpoint's.
+    """
+    tree = {"data": {**saved.data.model_dump(), "spec": data_spec or saved.data.spec}}
+    for text in overrides or []:
+        key, value = parse_override(text)
+        section, _, name = key.partition(".")
+        if section != "data" or not name:
+            raise ConfigError(f"override '{text}': evaluate takes data.* settings only (e.g. data.on_bad_image=skip)")
+        if name in PREPROCESSING_KEYS:
+            raise ConfigError(f"override '{text}': {key} is part of the model's preprocessing, recorded in the "
+                              "checkpoint; evaluation always uses the checkpoint's")
+        set_dotted(tree, key, value)
+    return validate_config(tree, source="evaluate").data
+
+
 def evaluate_job(checkpoint: Path, data_spec: str | None, split: str, out_dir: Path, *, tta: bool = False,
-                 device: str = "auto", batch_size: int | None = None, log: Callable[[str], None] = print) -> Path:
+                 device: str = "auto", batch_size: int | None = None, overrides: list[str] | None = None,
+                 log: Callable[[str], None] = print) -> Path:
     state = load_checkpoint(checkpoint)
     model, meta = model_from_checkpoint(state)
     prep = preprocessing_from_meta(meta)
     saved = RunConfig.model_validate(meta["config"])
-    data_cfg = DataConfig.model_validate({**saved.data.model_dump(), "spec": data_spec or saved.data.spec})
+    data_cfg = evaluation_data_config(saved, data_spec, overrides)
 
     source, mapping = open_dataset_for_model(data_cfg, meta)
     same_dataset = source.fingerprint() == meta["data"]["fingerprint"]
@@ -119,9 +143,15 @@ def evaluate_job(checkpoint: Path, data_spec: str | None, split: str, out_dir: P
     if split == "all":
         table = SampleTable.concat([source.splits[name] for name in ("train", "val", "test") if name in source.splits])
     elif same_dataset or split == "val" or "test" in source.splits:
-        plan = plan_splits(source.splits, strategy=data_cfg.split, val_fraction=data_cfg.val_fraction,
-                           test_fraction=data_cfg.test_fraction, seed=data_cfg.split_seed, group_kind=source.group_kind)
-        table = getattr(plan, split)
+        if split == "test" and len(source.splits.get("test", ())) > 0:
+            # The dataset's own test split is used as it is: no need to (be able to) hold out a validation split,
+            # which a class subset (data.classes) may leave too few tracks for.
+            table = source.splits["test"]
+        else:
+            plan = plan_splits(source.splits, strategy=data_cfg.split, val_fraction=data_cfg.val_fraction,
+                               test_fraction=data_cfg.test_fraction, seed=data_cfg.split_seed,
+                               group_kind=source.group_kind)
+            table = getattr(plan, split)
         recorded = meta["data"].get("split_fingerprints", {}).get(split)
         if same_dataset and recorded and recorded != table.fingerprint():
             log(f"warning: the rebuilt {split} split differs from the one the run used (the data changed?)")

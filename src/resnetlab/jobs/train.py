@@ -159,8 +159,13 @@ def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, *, 
     if resume:
         trainer.resume_from(out / "checkpoints" / "last.pt")
     outcome = trainer.fit()
-    kept = (f"best {cfg.train.monitor} {outcome.best_metric:.4f} at epoch {outcome.best_epoch}" if trainer.has_val
-            else f"no validation split, kept epoch {outcome.best_epoch}")
+    if not trainer.has_val:
+        kept = f"no validation split, kept epoch {outcome.best_epoch}"
+    elif cfg.train.keep == "last":
+        kept = (f"kept the last epoch ({outcome.best_epoch}, train.keep=last): "
+                f"{cfg.train.monitor} {outcome.best_metric:.4f}")
+    else:
+        kept = f"best {cfg.train.monitor} {outcome.best_metric:.4f} at epoch {outcome.best_epoch}"
     log(f"training stopped: {outcome.stopped_because}; {kept}; {outcome.train_seconds:.1f}s of training")
     dist.barrier()
     if not dist.is_main:
