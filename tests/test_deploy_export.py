@@ -15,6 +15,7 @@ from resnetlab.cli.main import main
 from resnetlab.deployment.export import ExportError, export_checkpoint
 from resnetlab.deployment.predictor import export_cache_dir, load_predictor
 from resnetlab.deployment.records import RECORD_FILE, read_export_record
+from resnetlab.errors import CheckpointError
 
 PARITY = 1e-4
 
@@ -235,3 +236,25 @@ def test_the_records_contrast_step_is_applied_when_predicting(onnx_export, mixed
     expected = prepare_image(path, Preprocessing.from_dict(record["preprocessing"]), None)
     assert torch.equal(stretched.prepare(path), expected)
     assert not torch.equal(plain.prepare(path), expected)
+
+
+def test_bf16_precision_runs_the_checkpoint_on_torch_and_stays_close(tiny_checkpoint, onnx_export, mixed_images,
+                                                                     capsys):
+    fp32 = load_predictor(tiny_checkpoint, backend="torch")
+    bf16 = load_predictor(tiny_checkpoint, precision="bf16")
+    assert bf16.backend.name == "torch" and bf16.backend.precision == "bf16" and bf16.backend.channels_last
+    assert bf16.describe()["runtime"]["precision"] == "bf16"
+    reference = fp32.probabilities(torch.stack([fp32.prepare(p) for p in mixed_images]))
+    fast = bf16.probabilities(torch.stack([bf16.prepare(p) for p in mixed_images]))
+    assert fast.dtype == torch.float32
+    np.testing.assert_allclose(fast.sum(dim=1).numpy(), 1.0, atol=1e-5)
+    # bf16 keeps 8 bits of mantissa: close to float32, not equal to it
+    assert (fast - reference).abs().max() < 0.05
+    for precision, source, fragment in [("bf16", onnx_export.out_dir, "runs in the precision it was exported in"),
+                                        ("fp16", tiny_checkpoint, "--precision 'fp16'")]:
+        with pytest.raises(CheckpointError, match=fragment):
+            load_predictor(source, precision=precision)
+    with pytest.raises(CheckpointError, match="not --backend onnxruntime"):
+        load_predictor(tiny_checkpoint, precision="bf16", backend="onnxruntime")
+    assert main(["predict", str(tiny_checkpoint), mixed_images[0], "--precision", "bf16", "--format", "json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)[0]["top"]) == 5

@@ -369,3 +369,22 @@ def test_page_in_headless_chromium_shows_the_top5_and_latency(live_server, sign_
     assert widths == sorted(widths, reverse=True) and widths[0] > widths[-1]
     assert "ms" in latency and "server" in latency
     assert error.startswith("415") and Path(__file__).name in error
+
+
+def test_serve_workers_inherit_the_precision_and_bad_ones_stop_before_binding(tiny_checkpoint, sign_files,
+                                                                              monkeypatch, tmp_path, capsys):
+    from resnetlab.cli.main import main
+    from resnetlab.deployment.service import ENVIRONMENT_PREFIX, app_from_environment
+
+    # what `serve --workers N --precision bf16` hands each uvicorn worker process
+    for key, value in {"SOURCE": str(tiny_checkpoint), "BACKEND": "auto", "THREADS": "1", "PRECISION": "bf16",
+                       "MAX_UPLOAD_BYTES": str(1 << 20), "MAX_FILES": "4"}.items():
+        monkeypatch.setenv(ENVIRONMENT_PREFIX + key, value)
+    with TestClient(app_from_environment()) as client:
+        assert client.get("/model").json()["runtime"]["precision"] == "bf16"
+        path = sign_files[0]
+        body = client.post("/predict", files={"file": (path.name, path.read_bytes(), "image/png")}).json()
+        assert body["backend"] == "torch" and body["precision"] == "bf16" and body["predictions"][0]["top"]
+    capsys.readouterr()
+    assert main(["serve", str(tiny_checkpoint), "--precision", "fp8", "--port", "1"]) == 2
+    assert "--precision 'fp8'" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 import click
 import typer
 
+from resnetlab.cli.deploy_cmd import PRECISION_HELP
 from resnetlab.errors import ResnetlabError
 
 try:  # typer >= 0.20 carries its own copy of click, whose exceptions are not click's
@@ -157,6 +158,7 @@ def predict(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images decoded and predicted together")] = 64,
     tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation as `evaluate --tta`: 5 crops, and mirror images where the training augmentation flips")] = False,
     backend: Annotated[str, typer.Option("--backend", help="auto (ONNX Runtime, exporting a checkpoint once into the cache), torch, onnxruntime or torchscript")] = "auto",
+    precision: Annotated[str, typer.Option("--precision", help=PRECISION_HELP)] = "float32",
 ) -> None:
     """Predict the classes of images, with confidences. Exit code 1 if any file could not be read."""
     from resnetlab.deployment.predictor import BACKEND_CHOICES, expand_inputs, load_predictor
@@ -173,7 +175,7 @@ def predict(
     paths = expand_inputs(inputs)
     if not paths:
         fail(f"no image files found in {' '.join(inputs)}")
-    predictor = load_predictor(checkpoint, backend=backend, log=lambda m: typer.echo(m, err=True))
+    predictor = load_predictor(checkpoint, backend=backend, precision=precision, log=lambda m: typer.echo(m, err=True))
     results = predictor.predict_paths(paths, topk=topk, batch_size=batch_size, tta=tta)
     print_predictions(results, output_format)
     failed = [r for r in results if r.error]

@@ -282,7 +282,8 @@ def create_app(predictor: Predictor, *, max_upload_bytes: int = DEFAULT_MAX_UPLO
 def app_from_environment() -> FastAPI:
     """The app of one uvicorn worker process (``--workers N``); the parent passes its settings in the environment."""
     get = lambda key: os.environ[ENVIRONMENT_PREFIX + key]  # noqa: E731
-    predictor = load_predictor(get("SOURCE"), backend=get("BACKEND"), threads=int(get("THREADS")))
+    predictor = load_predictor(get("SOURCE"), backend=get("BACKEND"), threads=int(get("THREADS")),
+                               precision=get("PRECISION"))
     return create_app(predictor, max_upload_bytes=int(get("MAX_UPLOAD_BYTES")), max_files=int(get("MAX_FILES")))
 
 
@@ -296,8 +297,8 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(source: str | Path, *, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, backend: str = "auto",
-          max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_files: int = DEFAULT_MAX_FILES,
-          log: Callable[[str], None] = print) -> None:
+          precision: str = "float32", max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+          max_files: int = DEFAULT_MAX_FILES, log: Callable[[str], None] = print) -> None:
     """Serve ``source`` (checkpoint, run directory or export folder) until interrupted."""
     import uvicorn
 
@@ -309,7 +310,7 @@ def serve(source: str | Path, *, host: str = "127.0.0.1", port: int = 8000, work
         log(f"warning: serving on {host}, reachable from other machines; the service has no authentication")
     threads = default_threads(workers)
     # Load once here: a bad source fails before uvicorn starts, and a checkpoint is exported once, not per worker.
-    predictor = load_predictor(source, backend=backend, threads=threads, log=log)
+    predictor = load_predictor(source, backend=backend, threads=threads, precision=precision, log=log)
     log(f"serving {predictor.source} with {predictor.backend.name} ({predictor.backend.precision}), "
         f"{workers} worker(s) x {threads} thread(s), on http://{host}:{port}/")
     if workers == 1:
@@ -322,6 +323,7 @@ def serve(source: str | Path, *, host: str = "127.0.0.1", port: int = 8000, work
     os.environ.update({ENVIRONMENT_PREFIX + "SOURCE": worker_source,
                        ENVIRONMENT_PREFIX + "BACKEND": "auto" if worker_source != str(source) else backend,
                        ENVIRONMENT_PREFIX + "THREADS": str(threads),
+                       ENVIRONMENT_PREFIX + "PRECISION": precision,
                        ENVIRONMENT_PREFIX + "MAX_UPLOAD_BYTES": str(max_upload_bytes),
                        ENVIRONMENT_PREFIX + "MAX_FILES": str(max_files)})
     uvicorn.run("resnetlab.deployment.service:app_from_environment", factory=True, host=host, port=port,
