@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import shutil
 
@@ -258,3 +259,53 @@ def test_bf16_precision_runs_the_checkpoint_on_torch_and_stays_close(tiny_checkp
         load_predictor(tiny_checkpoint, precision="bf16", backend="onnxruntime")
     assert main(["predict", str(tiny_checkpoint), mixed_images[0], "--precision", "bf16", "--format", "json"]) == 0
     assert len(json.loads(capsys.readouterr().out)[0]["top"]) == 5
+
+
+def test_onnxruntime_predictions_keep_torch_off_its_cores_and_restore_the_thread_count(onnx_export, tiny_checkpoint,
+                                                                                        mixed_images):
+    """torch's pre/post-processing runs on one thread beside ONNX Runtime's pool (their spinning threads collide),
+    and the caller's thread count comes back afterwards, even when the model call fails."""
+    onnx = load_predictor(onnx_export.out_dir, threads=1)
+    eager = load_predictor(tiny_checkpoint, backend="torch")
+    batch = torch.stack([onnx.prepare(p) for p in mixed_images])
+    seen = {}
+    for name, predictor in (("onnx", onnx), ("torch", eager)):
+        run = predictor.backend.run
+
+        def recording_run(x, run=run, name=name):
+            seen[name] = torch.get_num_threads()
+            return run(x)
+
+        predictor.backend.run = recording_run
+    original = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        reference = eager.probabilities(batch)
+        np.testing.assert_allclose(onnx.probabilities(batch).numpy(), reference.numpy(), atol=PARITY)
+        assert seen == {"onnx": 1, "torch": 2} and torch.get_num_threads() == 2
+        onnx.backend.run = lambda x: (_ for _ in ()).throw(RuntimeError("model failed"))
+        with pytest.raises(RuntimeError, match="model failed"):
+            onnx.probabilities(batch, tta=True)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(original)
+
+
+def test_evaluate_wrote_the_confidences_the_default_deployment_path_gives(tiny_checkpoint):
+    """Training may run under bf16 autocast, but validation and test run in float32 (eval.precision=fp32), so
+    eval/predictions.csv holds what `predict` and `serve` (ONNX Runtime, float32) answer for the same inputs."""
+    from resnetlab.data.preprocessing import prepare_image
+
+    run = tiny_checkpoint.parent.parent
+    assert json.loads((run / "run_info.json").read_text())["eval_precision"] == "fp32"
+    with open(run / "splits.csv", newline="") as handle:
+        rois = {row["path"]: [int(v) for v in row["roi"].split()] for row in csv.DictReader(handle)
+                if row["split"] == "test"}
+    with open(run / "eval" / "predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))[:32]
+    predictor = load_predictor(tiny_checkpoint)
+    assert predictor.backend.name == "onnxruntime"
+    batch = torch.stack([prepare_image(row["path"], predictor.prep, rois[row["path"]]) for row in rows])
+    values, indices = predictor.probabilities(batch).max(dim=1)
+    assert [int(row["pred_index"]) for row in rows] == indices.tolist()
+    np.testing.assert_allclose([float(row["confidence"]) for row in rows], values.numpy(), atol=PARITY)

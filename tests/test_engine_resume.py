@@ -109,3 +109,30 @@ def test_resume_needs_a_checkpoint(tmp_path, capsys):
     (tmp_path / "config.yaml").write_text("train:\n  epochs: 1\n")
     assert main(["train", "--resume", str(tmp_path)]) == 2
     assert "no checkpoints/last.pt" in capsys.readouterr().err
+
+
+def test_epochs_sized_to_a_budget_leave_the_run_as_a_fixed_epoch_run_would_be(reference_run, tiny_signs, tmp_path):
+    """train.epochs_from_budget trains real steps to time them, then puts weights, optimizer, EMA, schedule and
+    random streams back: with a budget that holds more than the cap, the run equals the fixed 4-epoch run exactly."""
+    sized = tmp_path / "sized"
+    assert main(run_args(tiny_signs, sized) + ["train.time_budget=600", "train.epochs_from_budget=true"]) == 0
+    assert metric_rows(sized) == metric_rows(reference_run)
+    assert eval_metrics(sized)["top1"] == eval_metrics(reference_run)["top1"]
+    log = (sized / "train.log").read_text()
+    assert "timed steps with this run's pipeline" in log and f"the train.epochs cap of {EPOCHS}" in log
+    # config.yaml records the epochs chosen, fixed, so --resume and reruns train the same schedule
+    saved = (sized / "config.yaml").read_text()
+    assert f"epochs: {EPOCHS}\n" in saved and "epochs_from_budget: false" in saved
+
+
+def test_a_small_budget_gets_fewer_epochs_and_a_missing_budget_is_refused(tiny_signs, tmp_path, capsys):
+    short = tmp_path / "short"
+    # 0.003 minutes (0.18 s) hold less than one epoch here: one epoch is chosen, and the budget stops it
+    assert main(run_args(tiny_signs, short) + ["--epochs", "50", "train.time_budget=0.003",
+                                               "train.epochs_from_budget=true"]) == 0
+    assert len(metric_rows(short)) == 1
+    assert "epochs: 1\n" in (short / "config.yaml").read_text()
+    capsys.readouterr()
+    assert main(run_args(tiny_signs, tmp_path / "no-budget") + ["train.epochs_from_budget=true"]) == 2
+    err = capsys.readouterr().err
+    assert "train.epochs_from_budget" in err and "train.time_budget" in err

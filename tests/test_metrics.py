@@ -287,3 +287,22 @@ def test_gradcam_npz_round_trip(tmp_path):
     assert data["pred_names"].tolist() == ["b", "a", "a"] and data["target_names"].tolist() == ["b", "a", "a"]
     with pytest.raises(ValueError):
         save_gradcam_npz(tmp_path / "bad.npz", images, heatmaps[:2], ["a"] * 3, ["a"] * 3, [1.0] * 3)
+
+
+def test_macro_averages_leave_out_classes_with_neither_test_images_nor_predictions():
+    """A track-grouped test split can lack whole classes; they have no F1 to average. Classes the model predicts
+    without test images stay in (precision 0), as in scikit-learn's default label set."""
+    rng = np.random.default_rng(4)
+    targets = rng.choice([0, 1, 2, 3], 400)
+    logits = rng.normal(size=(400, 8))
+    logits[np.arange(400), targets] += 2.5
+    logits[:, 4:] -= 3.0  # classes 4-7: no test images
+    logits[:10, 6] += 12.0  # a few predictions of class 6, which has no test images; 4, 5 and 7 are never predicted
+    preds = logits.argmax(1)
+    assert set(preds) == {0, 1, 2, 3, 6}
+    metrics = evaluate_predictions(logits, targets, [f"c{i}" for i in range(8)]).metrics
+    for key, score in (("macro_f1", f1_score), ("macro_recall", recall_score)):
+        assert metrics[key] == pytest.approx(score(targets, preds, average="macro", zero_division=0))
+        assert metrics[key] > score(targets, preds, labels=np.arange(8), average="macro", zero_division=0) + 0.2
+    assert metrics["macro_classes"] == 5 and metrics["num_classes"] == 8
+    assert metrics["classes_without_support"] == ["c4", "c5", "c6", "c7"]

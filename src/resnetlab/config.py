@@ -150,6 +150,10 @@ class TrainConfig(_Section):
     early_stopping_patience: int | None = Field(None, ge=1)
     early_stopping_min_delta: float = Field(0.0, ge=0)
     time_budget: float | None = Field(None, gt=0, description="Minutes of training, then stop cleanly")
+    epochs_from_budget: bool = Field(
+        False, description="With train.time_budget: time the real input pipeline and training step for a few "
+        "steps, then train for as many epochs as fill the budget on this machine (train.epochs is the most), so the "
+        "schedule anneals within the budget instead of being cut off; config.yaml records the epochs chosen")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="Stop each epoch after this many batches (smoke tests)")
     save_every: int | None = Field(None, ge=1, description="Also keep checkpoints/epoch_N.pt every N epochs")
     keep_top_k: int = Field(
@@ -163,6 +167,10 @@ class EvalConfig(_Section):
     tta: bool = False
     topk: int = Field(5, ge=1)
     gradcam: bool = True
+    # Validation and test evaluation in float32 by default, whatever precision trained the model: the default
+    # deployment path (ONNX Runtime, float32) then reports the very confidences that `evaluate` wrote. "train"
+    # evaluates under the training autocast instead: faster, with confidences that differ in the third decimal.
+    precision: Literal["fp32", "train"] = "fp32"
 
 
 class LoggingConfig(_Section):

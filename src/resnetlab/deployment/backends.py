@@ -31,6 +31,9 @@ BACKENDS = ("torch", "onnxruntime", "torchscript")
 class InferenceBackend:
     name: str = ""
     precision: str = "float32"
+    # Whether the model itself runs on torch's intra-op thread pool. A backend with a pool of its own (ONNX Runtime)
+    # sets this False, and the Predictor then runs its torch pre- and post-processing on the calling thread alone.
+    uses_torch_threads: bool = True
 
     def run(self, batch: torch.Tensor) -> torch.Tensor:
         """Normalized float32 [B, 3, S, S] -> float32 logits [B, C] on the CPU."""
@@ -89,6 +92,7 @@ class OnnxRuntimeBackend(InferenceBackend):
     """
 
     name = "onnxruntime"
+    uses_torch_threads = False
 
     def __init__(self, path: str | Path, *, threads: int | None = None, precision: str = "float32"):
         import onnxruntime as ort

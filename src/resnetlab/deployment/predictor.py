@@ -13,6 +13,7 @@ if that export fails, prediction falls back to eager torch and says so.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 from collections.abc import Callable, Sequence
@@ -53,6 +54,20 @@ class Prediction:
             return {"path": self.path, "error": self.error}
         return {"path": self.path, "top": [{"class": c, "class_id": cid, "index": i, "confidence": p}
                                            for c, cid, i, p in zip(self.classes, self.class_ids, self.indices, self.confidences)]}
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """torch's intra-op thread count set to ``count`` for the block, then restored (a cheap call: well under 1 us)."""
+    previous = torch.get_num_threads()
+    if previous == count:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
@@ -121,13 +136,26 @@ class Predictor:
         ``tta`` averages the softmax over the views ``evaluate --tta`` uses (:mod:`resnetlab.evaluation.tta`): the
         image, four corner crops, and their mirror images only where the model was trained with flips.
         """
-        x = normalize(batch_uint8, self.mean, self.std)
-        if not tta:
-            return self._probabilities(x)
-        from resnetlab.evaluation.tta import tta_views
+        with self._torch_thread_scope():
+            x = normalize(batch_uint8, self.mean, self.std)
+            if not tta:
+                return self._probabilities(x)
+            from resnetlab.evaluation.tta import tta_views
 
-        views = tta_views(x, flip=self.record.get("test_time_flip") is True, crops=True)
-        return torch.stack([self._probabilities(view) for view in views]).mean(dim=0)
+            views = tta_views(x, flip=self.record.get("test_time_flip") is True, crops=True)
+            return torch.stack([self._probabilities(view) for view in views]).mean(dim=0)
+
+    def _torch_thread_scope(self):
+        """One torch thread around a call whose model runs on another runtime's thread pool.
+
+        The normalization and softmax are light, but with torch's default of one OpenMP thread per core their worker
+        threads and ONNX Runtime's spin on the same cores and slow each other down: ResNet-20 at batch 32 ran at
+        about 1,800 images/s through this class against 4,300 for the bare ONNX Runtime session, and at 4,500 with
+        torch on one thread (``docs/benchmarks.md``).
+        """
+        if self.backend.uses_torch_threads:
+            return contextlib.nullcontext()
+        return torch_threads(1)
 
     # -- whole predictions ---------------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -39,6 +39,12 @@ class Runtime:
     def to_input(self, batch: torch.Tensor) -> torch.Tensor:
         batch = batch.to(self.device, non_blocking=True)
         return batch.contiguous(memory_format=torch.channels_last) if self.channels_last else batch
+
+    def for_evaluation(self, precision: str) -> Runtime:
+        """The runtime that validates and tests: float32 (``eval.precision=fp32``) or this one (``train``)."""
+        if precision == "train" or self.precision == "fp32":
+            return self
+        return replace(self, precision="fp32")
 
     def describe(self) -> str:
         return (f"device {self.device}, precision {self.precision}, channels_last {self.channels_last}, "

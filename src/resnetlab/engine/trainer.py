@@ -158,6 +158,7 @@ class Trainer:
         # what training batches go through (the DDP wrapper and/or torch.compile of the model)
         self.net = ddp_model if ddp_model is not None else model
         self.runtime = runtime
+        self.eval_runtime = runtime.for_evaluation(cfg.eval.precision)
         self.run_dir = run_dir
         self.ckpt_dir = run_dir / "checkpoints"
         self.log = log
@@ -448,8 +449,8 @@ class Trainer:
         if not self.has_val:
             return None, None
         if self.dist.is_main:
-            val = evaluate_loader(self.model, self.data.val, self.runtime)
-            ema_val = evaluate_loader(self.ema.module, self.data.val, self.runtime) if self.ema is not None else None
+            val = evaluate_loader(self.model, self.data.val, self.eval_runtime)
+            ema_val = evaluate_loader(self.ema.module, self.data.val, self.eval_runtime) if self.ema is not None else None
             results = (val, ema_val)
         return self.dist.broadcast_object(results)
 

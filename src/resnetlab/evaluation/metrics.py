@@ -219,7 +219,11 @@ def evaluate_predictions(
     precision, recall, f1, support = precision_recall_fscore_support(
         targets, preds, labels=evaluated, zero_division=0
     )
-    macro = precision_recall_fscore_support(targets, preds, labels=evaluated, average="macro", zero_division=0)
+    # Macro averages over the classes the split holds or the model predicted (scikit-learn's default label set). A
+    # class with neither test images nor predictions has no precision, recall or F1 to average; counting it as 0
+    # put a 96%-accurate GTSRB model at 0.70 macro F1 when a track-grouped test split lacked 11 of the 43 classes.
+    macro_labels = evaluated[np.isin(evaluated, np.union1d(targets, preds))]
+    macro = precision_recall_fscore_support(targets, preds, labels=macro_labels, average="macro", zero_division=0)
     weighted = precision_recall_fscore_support(targets, preds, labels=evaluated, average="weighted", zero_division=0)
     with warnings.catch_warnings():
         # Predictions of classes without test samples are errors already counted in recall; sklearn warns about
@@ -236,6 +240,7 @@ def evaluate_predictions(
         "num_samples": int(num_samples),
         "num_classes": int(len(evaluated)),
         "num_model_classes": int(num_model_classes),
+        "macro_classes": int(len(macro_labels)),
         "top1": float(accuracy_score(targets, preds)),
         f"top{topk}": topk_accuracy,
         "balanced_accuracy": balanced,
@@ -266,7 +271,7 @@ def evaluate_predictions(
         metrics["class_subset"] = True
         metrics["evaluated_classes"] = [class_names[label] for label in evaluated]
     if (support == 0).any():
-        # Their recall and F1 count as 0 in the macro averages; listing them explains a low macro figure.
+        # Left out of the macro averages unless the model predicted them (then their precision is 0).
         metrics["classes_without_support"] = [class_names[label] for label in evaluated[support == 0]]
 
     scaling = None

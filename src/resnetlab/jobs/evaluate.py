@@ -175,7 +175,7 @@ def evaluate_job(checkpoint: Path, data_spec: str | None, split: str, out_dir: P
     if labels_present is not None:
         log(f"evaluating on the {len(present)} of {len(meta['classes']['names'])} model classes this data holds")
 
-    runtime = resolve_runtime(saved.train.model_copy(update={"device": device}))
+    runtime = resolve_runtime(saved.train.model_copy(update={"device": device})).for_evaluation(saved.eval.precision)
     model = model.to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)

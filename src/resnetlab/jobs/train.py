@@ -117,6 +117,9 @@ def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, *, 
     from resnetlab.models import resolve_model_name
 
     resolve_model_name(cfg.model.name)
+    if cfg.train.epochs_from_budget and not cfg.train.time_budget:
+        raise ConfigError("train.epochs_from_budget sizes the epochs to train.time_budget, which is not set; give "
+                          "train.time_budget=MINUTES or drop train.epochs_from_budget")
     data_cfg = per_rank_config(cfg, dist.world_size)
     source = source or open_dataset(cfg.data)
     runtime = resolve_runtime(cfg.train, local_rank=dist.local_rank if dist.enabled else None)
@@ -124,6 +127,8 @@ def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, *, 
     # agree on it to take disjoint shards of one permutation (as DistributedSampler does with its shared seed).
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     log(f"resnetlab {resnetlab.__version__}, torch {torch.__version__}: {runtime.describe()}")
+    if runtime.for_evaluation(cfg.eval.precision) is not runtime:
+        log("validation and test in float32 (eval.precision=fp32), the precision of the default deployment path")
     if dist.enabled:
         log(f"distributed: {dist.world_size} processes ({torch.distributed.get_backend()}), global batch "
             f"{cfg.data.batch_size} = {dist.world_size} x {data_cfg.data.batch_size} per process"
@@ -154,8 +159,18 @@ def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, *, 
     if cfg.train.compile:
         net = torch.compile(net)
         log("torch.compile: on (the first steps include compilation)")
-    trainer = Trainer(cfg, data, model, runtime, out, log, model_kwargs=model_kwargs_of(cfg), is_main=dist.is_main,
-                      ddp_model=net if net is not model else None, dist=dist, on_epoch_end=on_epoch_end)
+    def make_trainer(run_cfg: RunConfig) -> Trainer:
+        return Trainer(run_cfg, data, model, runtime, out, log, model_kwargs=model_kwargs_of(run_cfg),
+                       is_main=dist.is_main, ddp_model=net if net is not model else None, dist=dist,
+                       on_epoch_end=on_epoch_end)
+
+    trainer = make_trainer(cfg)
+    if cfg.train.epochs_from_budget and not resume:
+        # A resumed run keeps the epochs its first start chose: config.yaml records them.
+        cfg = _size_epochs_to_budget(cfg, trainer, out, log, dist)
+        if trainer.writer is not None:
+            trainer.writer.close()
+        trainer = make_trainer(cfg)
     if resume:
         trainer.resume_from(out / "checkpoints" / "last.pt")
     outcome = trainer.fit()
@@ -180,7 +195,7 @@ def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, *, 
     best = load_checkpoint(out / "checkpoints" / "best.pt")
     model.load_state_dict(best["model"])
     eval_result = evaluate_model_on_batches(
-        model, runtime, data.test, data.plan.test, class_names=data.source.class_names, prep=data.prep,
+        model, runtime.for_evaluation(cfg.eval.precision), data.test, data.plan.test, class_names=data.source.class_names, prep=data.prep,
         out_dir=out / "eval", val_batches=data.val if len(data.plan.val) else None, topk=cfg.eval.topk, gradcam=cfg.eval.gradcam,
         split_name="test", log=log)
     _write_run_info(out, cfg, runtime, data, model, outcome, started, best["meta"].get("weights", "raw"), dist, origin)
@@ -240,6 +255,27 @@ def _write_bad_images(data: RunData, out: Path) -> None:
         writer.writerows(rows)
 
 
+def _size_epochs_to_budget(cfg: RunConfig, trainer: Trainer, out: Path, log: RunLog,
+                           dist: DistributedContext) -> RunConfig:
+    from resnetlab.engine.budget import fit_epochs_to_budget
+
+    fit = fit_epochs_to_budget(trainer, cfg.train.time_budget, cfg.train.epochs)
+    if fit.epochs == cfg.train.epochs:
+        verdict = (f"the train.epochs cap of {fit.epochs}, about {fit.epochs * fit.seconds_per_epoch / 60:.1f} of the "
+                   f"{cfg.train.time_budget:g} minutes")
+    else:
+        verdict = f"{fit.epochs} epoch(s) fill the {cfg.train.time_budget:g}-minute budget"
+    log(f"train.epochs_from_budget: {fit.steps_timed} timed steps with this run's pipeline took "
+        f"{fit.seconds_per_step * 1000:.0f} ms each ({fit.images_per_second:.0f} images/s), so an epoch of "
+        f"{trainer.steps_per_epoch} steps takes about {fit.seconds_per_epoch:.1f} s: {verdict}")
+    # config.yaml says what ran: the epochs chosen, fixed, so that --resume and a rerun of it train the same schedule
+    sized = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": fit.epochs,
+                                                                         "epochs_from_budget": False})})
+    if dist.is_main:
+        write_text(out / "config.yaml", sized.to_yaml())
+    return sized
+
+
 def _write_run_info(out: Path, cfg: RunConfig, runtime, data: RunData, model, outcome, started: float,
                     best_weights: str, dist: DistributedContext, origin: str) -> None:
     from resnetlab.models import count_params
@@ -255,6 +291,7 @@ def _write_run_info(out: Path, cfg: RunConfig, runtime, data: RunData, model, ou
         "device": str(runtime.device) + (f" ({torch.cuda.get_device_name(runtime.device)})" if runtime.device.type == "cuda" else ""),
         "threads": runtime.threads,
         "precision": runtime.precision,
+        "eval_precision": runtime.for_evaluation(cfg.eval.precision).precision,
         "channels_last": runtime.channels_last,
         "runtime_choices": runtime.reasons,
         "world_size": dist.world_size,

@@ -365,8 +365,8 @@ def _test_results(doc: Document, run: RunFiles) -> None:
                       f"classes: per-class, macro, weighted and balanced figures cover those classes, while a "
                       f"prediction of any model class counts (predicting a class the set lacks is an error).")
     if metrics.get("classes_without_support"):
-        doc.paragraph("Classes without test images (their recall and F1 count as 0 in macro averages): "
-                      + ", ".join(metrics["classes_without_support"]) + ".")
+        doc.paragraph("Classes without test images (left out of the macro averages unless the model predicted "
+                      "them, which then counts as precision 0): " + ", ".join(metrics["classes_without_support"]) + ".")
     _metric_table(doc, metrics, RESULT_ROWS)
 
 
