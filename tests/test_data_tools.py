@@ -165,7 +165,12 @@ def test_weighted_sampler_balances_the_batches(imbalanced, in_memory):
     data = build_run_data(cfg, log=lambda m: None)
     assert data.train_counts.tolist()[0] > 5 * data.train_counts.tolist()[1]
     torch.manual_seed(0)
-    seen = torch.cat([labels for _ in range(10) for _, labels in data.train])
+    seen = []
+    for epoch in range(1, 11):
+        if hasattr(data.train, "set_epoch"):  # the file pipeline draws each epoch's sample from its epoch's seed
+            data.train.set_epoch(epoch)
+        seen += [labels for _, labels in data.train]
+    seen = torch.cat(seen)
     share_rare = (seen == 1).float().mean().item()
     assert 0.35 < share_rare < 0.65  # about half, against about 1/9 without the sampler
 

@@ -134,7 +134,7 @@ def build_run_data(cfg: RunConfig, *, rank: int = 0, world_size: int = 1, pin_me
                                          trivialaugment=cfg.augment.trivialaugment)
         common = dict(mean=prep.mean, std=prep.std, num_workers=workers, pin_memory=pin_memory, rank=rank,
                       world_size=world_size, seed=cfg.train.seed)
-        train = FileBatches(FileImageDataset(plan.train, prep, transform), batch, shuffle=True,
+        train = FileBatches(FileImageDataset(plan.train, prep, transform, seed=cfg.train.seed), batch, shuffle=True,
                             drop_last=len(plan.train) > batch, sample_weights=weights,
                             batch_augment=batch_stage(policy), mirror=mirror, **common)
         val = FileBatches(FileImageDataset(plan.val, prep), eval_batch, shuffle=False, drop_last=False, **common)

@@ -1,8 +1,10 @@
 """The input pipeline: decoded once into memory for small images, DataLoader workers for large ones.
 
-Both paths yield ``(images, labels)`` with images as normalized float32 [B, 3, S, S] and labels as int64 [B], and
-both take their randomness from torch's global generator (seeded per epoch), so a resumed run sees the same
-batches as an uninterrupted one.
+Both paths yield ``(images, labels)`` with images as normalized float32 [B, 3, S, S] and labels as int64 [B], and a
+resumed run sees the same batches as an uninterrupted one: the in-memory path draws from torch's global generator,
+whose state the checkpoints carry; the file path draws each image's augmentation from a seed of its own (seed,
+epoch, image) and its order from a generator seeded per epoch, so neither the workers' fresh start after a resume
+nor their number changes a batch.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from resnetlab.data.augment import BatchAugment, MirrorSwap, PerImage
 from resnetlab.data.cache import cache_root
@@ -245,24 +247,79 @@ class TensorBatches:
             yield self.transform(self.images[index], self.labels[index])
 
 
-class FileImageDataset(Dataset):
-    """Images read from disk one by one (large photos), through a v2 transform in a DataLoader worker."""
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The random seed of one image's augmentation in one epoch: a function of the three alone."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
-    def __init__(self, table: SampleTable, prep: Preprocessing, transform=None):
-        self.table, self.prep, self.transform = table, prep, transform
+
+class FileImageDataset(Dataset):
+    """Images read from disk one by one (large photos), through a v2 transform in a DataLoader worker.
+
+    Indexed by ``(epoch, i)`` (what :class:`EpochSampler` yields), the random augmentation of image ``i`` in
+    ``epoch`` is drawn from its own seed (:func:`sample_seed`), not from a worker's running random stream. So the
+    batches are the same whatever the number of workers, and a resumed run, whose workers start afresh, sees the
+    batches the uninterrupted run saw. A plain integer index augments from the ambient stream.
+    """
+
+    def __init__(self, table: SampleTable, prep: Preprocessing, transform=None, *, seed: int = 0):
+        self.table, self.prep, self.transform, self.seed = table, prep, transform, seed
 
     def __len__(self) -> int:
         return len(self.table)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (None, key)
         roi = None if self.table.rois is None else self.table.rois[i]
         image = load_image(self.table.paths[i], roi, self.prep.roi_crop)
         if self.transform is None:
             tensor = pil_to_uint8(resize_to_input(image, self.prep))
         else:
             # The transform resizes (and crops) by itself; the contrast step comes first, as in resize_to_input.
-            tensor = self.transform(normalize_contrast(image, self.prep.contrast))
+            image = normalize_contrast(image, self.prep.contrast)
+            if epoch is None:
+                tensor = self.transform(image)
+            else:
+                # fork_rng: with num_workers=0 this runs in the training process, whose own stream must go on
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(sample_seed(self.seed, epoch, i))
+                    tensor = self.transform(image)
         return tensor, int(self.table.labels[i])
+
+
+class EpochSampler(Sampler):
+    """Indices tagged with their epoch, ``(epoch, i)``, in an order that is a function of the seed and the epoch.
+
+    ``base`` (a weighted or distributed sampler) chooses the indices; without one they are a permutation (shuffle)
+    or in order. Either way nothing is drawn from torch's global generator, whose state the training loop's own
+    random steps (mixup, erasing) and the checkpoints share. As with DistributedSampler, call :meth:`set_epoch`
+    before each epoch (the Trainer does): without it every pass repeats the same epoch.
+    """
+
+    def __init__(self, length: int, *, shuffle: bool, seed: int, base: Sampler | None = None):
+        self.length, self.shuffle, self.seed, self.base = length, shuffle, seed, base
+        self.epoch = 0
+        self.generator = torch.Generator()
+        if base is not None and hasattr(base, "generator"):
+            base.generator = self.generator  # WeightedRandomSampler draws from it
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.base) if self.base is not None else self.length
+
+    def __iter__(self):
+        self.generator.manual_seed(sample_seed(self.seed, self.epoch, -1))
+        if self.base is not None:
+            indices = iter(self.base)
+        elif self.shuffle:
+            indices = iter(torch.randperm(self.length, generator=self.generator).tolist())
+        else:
+            indices = iter(range(self.length))
+        return ((self.epoch, int(i)) for i in indices)
 
 
 class FileBatches:
@@ -280,27 +337,28 @@ class FileBatches:
                  mirror: MirrorSwap | None = None):
         from torch.utils.data import DistributedSampler, WeightedRandomSampler
 
-        sampler = None
+        base = None
         if sample_weights is not None:
-            sampler = WeightedRandomSampler(sample_weights, len(dataset), replacement=True)
+            base = WeightedRandomSampler(sample_weights, len(dataset), replacement=True)
         elif world_size > 1:
-            sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
-        self.sampler = sampler
+            base = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+        self.sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, base=base)
         # The uint8 batches the workers collate are turned into float here, so it is the float batch that is put in
         # page-locked memory (see transform), for asynchronous copies to the GPU.
         self.pin_memory = pin_memory and torch.cuda.is_available()
-        self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                                 drop_last=drop_last, num_workers=num_workers,
-                                 persistent_workers=num_workers > 0,
-                                 prefetch_factor=4 if num_workers > 0 else None)
+        # generator: the workers' base seed is drawn from it, not from torch's global generator, so that starting
+        # the workers (once: they persist) takes nothing from the stream the checkpoints restore
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, drop_last=drop_last,
+                                 num_workers=num_workers, persistent_workers=num_workers > 0,
+                                 prefetch_factor=4 if num_workers > 0 else None,
+                                 generator=torch.Generator().manual_seed(seed))
         self.mean = torch.as_tensor(mean, dtype=torch.float32)
         self.std = torch.as_tensor(std, dtype=torch.float32)
         self.batch_augment = batch_augment
         self.mirror = mirror
 
     def set_epoch(self, epoch: int) -> None:
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
+        self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.loader)
