@@ -112,8 +112,9 @@ def test_resume_needs_a_checkpoint(tmp_path, capsys):
 
 
 def test_epochs_sized_to_a_budget_leave_the_run_as_a_fixed_epoch_run_would_be(reference_run, tiny_signs, tmp_path):
-    """train.epochs_from_budget trains real steps to time them, then puts weights, optimizer, EMA, schedule and
-    random streams back: with a budget that holds more than the cap, the run equals the fixed 4-epoch run exactly."""
+    """train.epochs_from_budget trains real steps to time them, then puts the weights and random streams back and
+    starts afresh (optimizer, EMA, schedule): with a budget that holds more than the cap, the run equals the fixed
+    4-epoch run exactly."""
     sized = tmp_path / "sized"
     assert main(run_args(tiny_signs, sized) + ["train.time_budget=600", "train.epochs_from_budget=true"]) == 0
     assert metric_rows(sized) == metric_rows(reference_run)

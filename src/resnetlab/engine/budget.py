@@ -12,12 +12,12 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-import random
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
+
+from resnetlab.engine.runtime import rng_state, set_rng_state
 
 # Steps timed (after the warm-up ones) to estimate an epoch's time. Every process of a distributed run takes the
 # same number, since each step all-reduces gradients.
@@ -40,16 +40,13 @@ class BudgetFit:
 def time_training_steps(trainer, *, warmup_steps: int = WARMUP_STEPS, timed_steps: int = TIMED_STEPS) -> tuple[float, int]:
     """Seconds per training step of ``trainer`` on its own batches, and the steps timed.
 
-    Everything a step changes is put back afterwards: weights and batch-norm statistics, optimizer and EMA state,
-    the schedule's step count and the random streams (the batches drawn consume them), so the run that follows
-    starts exactly as it would have without the measurement.
+    ``trainer`` is a throwaway: its optimizer, schedule and EMA are left as the steps made them, and the run builds a
+    fresh Trainer afterwards. What the fresh one inherits is put back: the model's weights and batch-norm statistics
+    and the random streams (the batches drawn consume them), so the run starts exactly as it would have without the
+    measurement.
     """
     model_state = copy.deepcopy(trainer.model.state_dict())
-    optimizer_state = copy.deepcopy(trainer.optimizer.state_dict())
-    schedule_state = copy.deepcopy(trainer.schedule.state_dict())
-    ema_state = copy.deepcopy(trainer.ema.state_dict()) if trainer.ema is not None else None
-    rng = (torch.get_rng_state(), np.random.get_state(), random.getstate(),
-           torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    rng = rng_state()
     runtime = trainer.runtime
     total = min(trainer.steps_per_epoch, warmup_steps + timed_steps)
     warmup = min(warmup_steps, max(total - 1, 0))
@@ -73,15 +70,7 @@ def time_training_steps(trainer, *, warmup_steps: int = WARMUP_STEPS, timed_step
         elapsed = time.perf_counter() - start if start is not None else 0.0
     finally:
         trainer.model.load_state_dict(model_state)
-        trainer.optimizer.load_state_dict(optimizer_state)
-        trainer.schedule.load_state_dict(schedule_state)
-        if ema_state is not None:
-            trainer.ema.load_state_dict(ema_state)
-        torch.set_rng_state(rng[0])
-        np.random.set_state(rng[1])
-        random.setstate(rng[2])
-        if rng[3] is not None:
-            torch.cuda.set_rng_state_all(rng[3])
+        set_rng_state(rng)
     timed = total - warmup
     return elapsed / max(timed, 1), timed
 
@@ -89,7 +78,7 @@ def time_training_steps(trainer, *, warmup_steps: int = WARMUP_STEPS, timed_step
 def fit_epochs_to_budget(trainer, budget_minutes: float, max_epochs: int) -> BudgetFit:
     """The number of epochs (1 to ``max_epochs``) whose training fills ``budget_minutes`` on this machine.
 
-    In a distributed run the processes average their step times, so all of them choose the same count.
+    ``trainer`` is spent by the measurement (see :func:`time_training_steps`). In a distributed run the processes average their step times, so all of them choose the same count.
     """
     seconds_per_step, timed = time_training_steps(trainer)
     seconds_per_step = trainer.dist.all_reduce_sum([seconds_per_step])[0] / trainer.dist.world_size

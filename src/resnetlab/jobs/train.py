@@ -127,7 +127,8 @@ def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, *, 
     # agree on it to take disjoint shards of one permutation (as DistributedSampler does with its shared seed).
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     log(f"resnetlab {resnetlab.__version__}, torch {torch.__version__}: {runtime.describe()}")
-    if runtime.for_evaluation(cfg.eval.precision) is not runtime:
+    eval_runtime = runtime.for_evaluation(cfg.eval.precision)
+    if eval_runtime is not runtime:
         log("validation and test in float32 (eval.precision=fp32), the precision of the default deployment path")
     if dist.enabled:
         log(f"distributed: {dist.world_size} processes ({torch.distributed.get_backend()}), global batch "
@@ -195,7 +196,7 @@ def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, *, 
     best = load_checkpoint(out / "checkpoints" / "best.pt")
     model.load_state_dict(best["model"])
     eval_result = evaluate_model_on_batches(
-        model, runtime.for_evaluation(cfg.eval.precision), data.test, data.plan.test, class_names=data.source.class_names, prep=data.prep,
+        model, eval_runtime, data.test, data.plan.test, class_names=data.source.class_names, prep=data.prep,
         out_dir=out / "eval", val_batches=data.val if len(data.plan.val) else None, topk=cfg.eval.topk, gradcam=cfg.eval.gradcam,
         split_name="test", log=log)
     _write_run_info(out, cfg, runtime, data, model, outcome, started, best["meta"].get("weights", "raw"), dist, origin)
