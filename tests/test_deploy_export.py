@@ -239,10 +239,10 @@ def test_the_records_contrast_step_is_applied_when_predicting(onnx_export, mixed
     assert not torch.equal(plain.prepare(path), expected)
 
 
-def test_bf16_precision_runs_the_checkpoint_on_torch_and_stays_close(tiny_checkpoint, onnx_export, mixed_images,
-                                                                     capsys):
+def test_bf16_precision_on_the_torch_backend_stays_close(tiny_checkpoint, onnx_export, mixed_images, capsys):
+    """Eager bf16 autocast (`--backend torch --precision bf16`); the default bf16 path is tests/test_deploy_aoti.py."""
     fp32 = load_predictor(tiny_checkpoint, backend="torch")
-    bf16 = load_predictor(tiny_checkpoint, precision="bf16")
+    bf16 = load_predictor(tiny_checkpoint, backend="torch", precision="bf16")
     assert bf16.backend.name == "torch" and bf16.backend.precision == "bf16" and bf16.backend.channels_last
     assert bf16.describe()["runtime"]["precision"] == "bf16"
     reference = fp32.probabilities(torch.stack([fp32.prepare(p) for p in mixed_images]))
@@ -251,13 +251,14 @@ def test_bf16_precision_runs_the_checkpoint_on_torch_and_stays_close(tiny_checkp
     np.testing.assert_allclose(fast.sum(dim=1).numpy(), 1.0, atol=1e-5)
     # bf16 keeps 8 bits of mantissa: close to float32, not equal to it
     assert (fast - reference).abs().max() < 0.05
-    for precision, source, fragment in [("bf16", onnx_export.out_dir, "runs in the precision it was exported in"),
+    for precision, source, fragment in [("bf16", onnx_export.out_dir, "an export runs in the precision it was made in"),
                                         ("fp16", tiny_checkpoint, "--precision 'fp16'")]:
         with pytest.raises(CheckpointError, match=fragment):
             load_predictor(source, precision=precision)
-    with pytest.raises(CheckpointError, match="not --backend onnxruntime"):
+    with pytest.raises(CheckpointError, match="ONNX Runtime has no fast bf16"):
         load_predictor(tiny_checkpoint, precision="bf16", backend="onnxruntime")
-    assert main(["predict", str(tiny_checkpoint), mixed_images[0], "--precision", "bf16", "--format", "json"]) == 0
+    assert main(["predict", str(tiny_checkpoint), mixed_images[0], "--precision", "bf16", "--backend", "torch",
+                 "--format", "json"]) == 0
     assert len(json.loads(capsys.readouterr().out)[0]["top"]) == 5
 
 

@@ -384,7 +384,7 @@ def test_serve_workers_inherit_the_precision_and_bad_ones_stop_before_binding(ti
         assert client.get("/model").json()["runtime"]["precision"] == "bf16"
         path = sign_files[0]
         body = client.post("/predict", files={"file": (path.name, path.read_bytes(), "image/png")}).json()
-        assert body["backend"] == "torch" and body["precision"] == "bf16" and body["predictions"][0]["top"]
+        assert body["backend"] == "aoti" and body["precision"] == "bf16" and body["predictions"][0]["top"]
     capsys.readouterr()
     assert main(["serve", str(tiny_checkpoint), "--precision", "fp8", "--port", "1"]) == 2
     assert "--precision 'fp8'" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import click
 import typer
 
-from resnetlab.cli.deploy_cmd import PRECISION_HELP
+from resnetlab.cli.deploy_cmd import BACKEND_HELP, PRECISION_HELP
 from resnetlab.errors import ResnetlabError
 
 try:  # typer >= 0.20 carries its own copy of click, whose exceptions are not click's
@@ -157,7 +157,7 @@ def predict(
     output_format: Annotated[str, typer.Option("--format", "-f", help="table, csv or json")] = "table",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images decoded and predicted together")] = 64,
     tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation as `evaluate --tta`: 5 crops, and mirror images where the training augmentation flips")] = False,
-    backend: Annotated[str, typer.Option("--backend", help="auto (ONNX Runtime, exporting a checkpoint once into the cache), torch, onnxruntime or torchscript")] = "auto",
+    backend: Annotated[str, typer.Option("--backend", help=BACKEND_HELP)] = "auto",
     precision: Annotated[str, typer.Option("--precision", help=PRECISION_HELP)] = "float32",
 ) -> None:
     """Predict the classes of images, with confidences. Exit code 1 if any file could not be read."""

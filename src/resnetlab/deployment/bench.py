@@ -19,8 +19,9 @@ How, and why so:
 
 Variants: ``eager`` (float32, NCHW: the baseline), ``eager_bf16_cl`` (bf16 autocast + channels_last),
 ``compile`` (torch.compile with frozen weights, float32), ``compile_bf16_cl``, ``onnxruntime`` (float32 ONNX),
-``onnxruntime_int8`` (static int8, with its accuracy change), ``torchscript``, and ``deployment``: exactly what
-``predict`` and ``serve`` run for this checkpoint by default, batching included.
+``onnxruntime_int8`` (static int8, with its accuracy change), ``torchscript``, ``aoti`` and ``aoti_bf16``
+(AOTInductor packages), ``deployment``: exactly what ``predict`` and ``serve`` run for this checkpoint by default,
+batching included, and ``deployment_bf16``: what they run with ``--precision bf16``.
 """
 
 from __future__ import annotations
@@ -51,10 +52,13 @@ VARIANTS = {
     "onnxruntime": "ONNX Runtime, float32",
     "onnxruntime_int8": "ONNX Runtime, int8 static quantization",
     "torchscript": "TorchScript trace + freeze, float32",
+    "aoti": "AOTInductor package (frozen weights), float32",
+    "aoti_bf16": "AOTInductor package (frozen weights), bf16 body + float32 classifier, channels_last",
     "deployment": "the default deployment path of predict and serve",
+    "deployment_bf16": "predict and serve with --precision bf16",
 }
 DEFAULT_VARIANTS = ("eager", "eager_bf16_cl", "compile", "compile_bf16_cl", "onnxruntime", "onnxruntime_int8",
-                    "deployment")
+                    "aoti_bf16", "deployment", "deployment_bf16")
 SETTLE_SECONDS = 0.1  # pause between two workers' turns, for the previous one's spinning threads to go to sleep
 
 
@@ -84,7 +88,12 @@ class VariantResult:
 
 def _build(spec: dict[str, Any]):
     """The variant's predictor (and, for int8, its accuracy report)."""
-    from resnetlab.deployment.backends import OnnxRuntimeBackend, TorchBackend, TorchScriptBackend
+    from resnetlab.deployment.backends import (
+        AotInductorBackend,
+        OnnxRuntimeBackend,
+        TorchBackend,
+        TorchScriptBackend,
+    )
     from resnetlab.deployment.export import export_checkpoint
     from resnetlab.deployment.predictor import Predictor, load_predictor
     from resnetlab.deployment.records import record_from_meta
@@ -108,7 +117,13 @@ def _build(spec: dict[str, Any]):
     if name == "torchscript":
         out = export_checkpoint(checkpoint, workdir, fmt="torchscript", log=lambda m: None)
         return Predictor(TorchScriptBackend(out.model_path), out.record, **plain), None
-    return load_predictor(checkpoint, backend="auto", threads=threads), None
+    if name in ("aoti", "aoti_bf16"):
+        precision = "bf16" if name.endswith("bf16") else "float32"
+        out = export_checkpoint(checkpoint, workdir, fmt="aoti", precision=precision, measure_accuracy=False,
+                                log=lambda m: None)
+        return Predictor(AotInductorBackend(out.model_path, precision=precision), out.record, **plain), None
+    precision = "bf16" if name == "deployment_bf16" else "float32"
+    return load_predictor(checkpoint, backend="auto", threads=threads, precision=precision), None
 
 
 def _worker(connection, spec: dict[str, Any]) -> None:

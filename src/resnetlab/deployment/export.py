@@ -1,7 +1,8 @@
 """``resnetlab export``: a checkpoint -> an export folder (model file + ``preprocessing.json``), parity-checked.
 
-The folder holds ``model.onnx`` (ONNX, through torch's dynamo exporter, which needs onnxscript) or ``model.ts``
-(TorchScript, traced and frozen), and ``preprocessing.json``, the deployment record of
+The folder holds ``model.onnx`` (ONNX, through torch's dynamo exporter, which needs onnxscript), ``model.ts``
+(TorchScript, traced and frozen) or ``model.pt2`` (an AOTInductor package: the model compiled ahead of time to a
+shared library for this machine's CPU, in float32 or bf16), and ``preprocessing.json``, the deployment record of
 :mod:`resnetlab.deployment.records` with an ``artifact`` entry (format, opset, batch, precision, parity).
 
 Before anything is written the export is run beside the eager model on the same normalized images, at batch 1 and,
@@ -11,11 +12,17 @@ more than 1e-4 of the largest logit. The logit bound is relative because float32
 a barely trained ResNet-50 has logits near 1000 and differs from its ONNX export by 2e-4 (2e-7 relative), while
 a real mistake (a wrong normalization or layer) changes logits by a large fraction of their size. An int8 model (``quantize="int8"``, ONNX Runtime static quantization) cannot meet that
 bar by design, so its float32 parent is checked instead and its accuracy change is measured on real images and
-recorded. Files are staged in a hidden folder inside ``out_dir`` and moved into place only when all checks pass.
+recorded. A bf16 package is held to a bf16 tolerance (5e-2) against the same float32 model, which catches a wrong
+layer or normalization but not the rounding bf16 is chosen for; what that rounding costs is measured on real images
+when there are any (top-1 change and agreement with float32) and recorded beside the parity.
+Files are staged in a hidden folder inside ``out_dir`` and moved into place only when all checks pass.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import logging
 import shutil
 import tempfile
 import warnings
@@ -30,6 +37,7 @@ from torch import nn
 
 from resnetlab.data.preprocessing import Preprocessing, normalize
 from resnetlab.deployment.backends import (
+    AotInductorBackend,
     InferenceBackend,
     OnnxRuntimeBackend,
     TorchBackend,
@@ -50,9 +58,13 @@ from resnetlab.utils.io import write_json
 DEFAULT_OPSET = 18  # the dynamo exporter's native opset (torch 2.14); lower ones go through onnx's version converter
 PARITY_ATOL = 1e-4  # float32: largest probability difference (absolute) and logit difference (relative to the
 # largest logit) an export may have from the eager model
+# bf16 keeps 8 bits of mantissa: a trained ResNet-20's confidences move by up to 7e-3 (docs/benchmarks.md). The
+# bound is there to catch a broken export, not to judge the rounding, which is measured on real images instead.
+PARITY_ATOL_BF16 = 5e-2
 DEFAULT_PARITY_BATCH = 8
 MAX_DYNAMIC_BATCH = 4096
-FORMATS = ("onnx", "torchscript")
+FORMATS = ("onnx", "torchscript", "aoti")
+EXPORT_PRECISIONS = ("float32", "bf16")
 
 
 class ExportError(ResnetlabError):
@@ -85,6 +97,7 @@ class ExportResult:
     record: dict[str, Any]
     parity: list[ParityResult]
     quantization: dict[str, Any] | None = None
+    accuracy_change: dict[str, Any] | None = None
 
 
 def parity_images(prep: Preprocessing, batch_size: int, seed: int = 0) -> torch.Tensor:
@@ -152,16 +165,101 @@ def export_torchscript(model: nn.Module, path: Path, input_size: int) -> None:
         raise ExportError(f"TorchScript export failed: {_one_line(err)}") from None
 
 
+class Bf16Inference(nn.Module):
+    """A classifier in bf16 up to its pooled features, channels_last, with the final linear layer in float32.
+
+    This is the model a bf16 package compiles. Rather than autocast (which ``torch.export`` does not carry into an
+    AOTInductor package), the weights themselves are bf16, so the convolutions run on the CPU's bf16 dot-product
+    units at about twice the float32 rate. The classifier stays float32: it is a negligible share of the work, and
+    rounding the logits to bf16 would move every confidence by up to 0.4%.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        body = copy.deepcopy(model).eval()
+        self.head = body.fc.float()
+        body.fc = nn.Identity()
+        self.body = body.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.body(x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last))
+        return self.head(features.float())
+
+
+def export_aotinductor(model: nn.Module, path: Path, input_size: int, *, precision: str = "float32") -> None:
+    """Compile ``model`` ahead of time into an AOTInductor package (any batch size; weights frozen into the code).
+
+    The package holds a shared library compiled for this machine's CPU (its vector instruction set is recorded), so
+    build it where it will run, or on a machine with the same instruction set.
+    """
+    import torch._inductor
+
+    module = Bf16Inference(model) if precision == "bf16" else copy.deepcopy(model).eval()
+    # A batch of 2: an example of size 1 would be specialized to a constant by torch.export.
+    example = torch.zeros(2, 3, input_size, input_size)
+    batch = torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)
+    try:
+        with torch.no_grad(), warnings.catch_warnings(), _quiet_logger("torch.utils.cpp_extension"):
+            warnings.simplefilter("ignore")
+            program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+            # freezing: weights become constants, so batch norm folds into the convolutions and oneDNN gets its
+            # weights pre-packed once, at compile time
+            torch._inductor.aoti_compile_and_package(program, package_path=str(path),
+                                                     inductor_configs={"freezing": True})
+    except Exception as err:  # inductor raises many types (a missing compiler among them): first line, no traceback
+        raise ExportError(f"AOTInductor export failed: {_one_line(err)} (it compiles C++ code: a C++ compiler "
+                          "such as g++ must be installed)") from None
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    """Silence a logger for the block: torch's C++ builder warns 'No CUDA runtime is found' on every CPU build."""
+    logger = logging.getLogger(name)
+    previous = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
+def cpu_vector_isa() -> str | None:
+    """The CPU vector instruction set inductor compiles for here (``avx512``, ``avx2``...), None if unknown."""
+    try:
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+        return str(pick_vec_isa()) or None
+    except Exception:  # a private helper: its absence must not stop an export
+        return None
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX); without them bf16 is emulated, slowly."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, fmt: str = "onnx", dynamic_batch: bool = False,
-                      opset: int = DEFAULT_OPSET, parity_batch: int = DEFAULT_PARITY_BATCH, atol: float = PARITY_ATOL,
-                      quantize: str | None = None, calibration_data: str | None = None,
-                      log: Callable[[str], None] = print) -> ExportResult:
-    """Export a checkpoint (file or run directory) into ``out_dir``; see the module docstring."""
+                      opset: int = DEFAULT_OPSET, parity_batch: int = DEFAULT_PARITY_BATCH, atol: float | None = None,
+                      quantize: str | None = None, calibration_data: str | None = None, precision: str = "float32",
+                      measure_accuracy: bool = True, log: Callable[[str], None] = print) -> ExportResult:
+    """Export a checkpoint (file or run directory) into ``out_dir``; see the module docstring.
+
+    ``precision="bf16"`` needs ``fmt="aoti"``. ``measure_accuracy=False`` skips a bf16 package's accuracy check on
+    real images (the parity check always runs).
+    """
     from resnetlab.deployment.predictor import resolve_checkpoint_file
     from resnetlab.engine.checkpoint import load_checkpoint, model_from_checkpoint, preprocessing_from_meta
 
     if fmt not in FORMATS:
-        raise ExportError(f"--format '{fmt}': choose onnx or torchscript")
+        raise ExportError(f"--format '{fmt}': choose one of {', '.join(FORMATS)}")
+    if precision not in EXPORT_PRECISIONS:
+        raise ExportError(f"--precision '{precision}': choose float32 or bf16")
+    if precision == "bf16" and fmt != "aoti":
+        raise ExportError("--precision bf16 needs --format aoti (an AOTInductor package): ONNX Runtime and "
+                          "TorchScript have no fast bf16 convolutions on CPUs")
+    if atol is None:
+        atol = PARITY_ATOL_BF16 if precision == "bf16" else PARITY_ATOL
     if quantize not in (None, "int8"):
         raise ExportError(f"--quantize '{quantize}': the only quantization is int8")
     if quantize and fmt != "onnx":
@@ -178,7 +276,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, fmt: str =
     try:
         result = _export_into(staging, model, meta, prep, record, fmt=fmt, dynamic_batch=dynamic_batch, opset=opset,
                               parity_batch=parity_batch, atol=atol, quantize=quantize,
-                              calibration_data=calibration_data, log=log)
+                              calibration_data=calibration_data, precision=precision,
+                              measure_accuracy=measure_accuracy, log=log)
         # The record goes last: a folder with preprocessing.json is a complete export.
         for stale in MODEL_FILES.values():
             if stale != result.model_path.name:
@@ -195,16 +294,24 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, fmt: str =
 
 def _export_into(staging: Path, model: nn.Module, meta: dict, prep: Preprocessing, record: dict, *, fmt: str,
                  dynamic_batch: bool, opset: int, parity_batch: int, atol: float, quantize: str | None,
-                 calibration_data: str | None, log: Callable[[str], None]) -> ExportResult:
+                 calibration_data: str | None, precision: str, measure_accuracy: bool,
+                 log: Callable[[str], None]) -> ExportResult:
     size = prep.input_size
     model_path = staging / MODEL_FILES[fmt]
+    written_opset = None
     if fmt == "onnx":
         written_opset = export_onnx(model, model_path, size, dynamic_batch=dynamic_batch, opset=opset)
         if written_opset != opset:
             log(f"note: asked for opset {opset}, the exporter wrote opset {written_opset}")
         exported: InferenceBackend = OnnxRuntimeBackend(model_path)
+    elif fmt == "aoti":
+        if precision == "bf16" and not native_bf16_cpu():
+            log("note: this CPU has no bf16 matrix instructions (AVX512-BF16 or AMX); the bf16 package will run "
+                "slower than float32 here")
+        export_aotinductor(model, model_path, size, precision=precision)
+        exported = AotInductorBackend(model_path, precision=precision)
+        dynamic_batch = True
     else:
-        written_opset = None
         export_torchscript(model, model_path, size)
         exported = TorchScriptBackend(model_path)
         dynamic_batch = True  # a traced convolutional net takes any batch; checked at batch N below
@@ -223,11 +330,15 @@ def _export_into(staging: Path, model: nn.Module, meta: dict, prep: Preprocessin
         worst = failed[0]
         raise ExportError(f"{fmt} export failed its parity check at batch {worst.batch_size}: max |probability "
                           f"difference| {worst.max_abs_probabilities:.2e}, max |logit difference| "
-                          f"{worst.max_abs_logits:.2e} (largest |logit| {worst.largest_logit:.3g}); float32 allows "
+                          f"{worst.max_abs_logits:.2e} (largest |logit| {worst.largest_logit:.3g}); {precision} allows "
                           f"{atol:.0e} (logits: relative to the largest); nothing was written")
 
+    accuracy_change = None
+    if precision == "bf16" and measure_accuracy:
+        from resnetlab.deployment.quantize import measure_precision_change
+
+        accuracy_change = measure_precision_change(reference, exported, meta, prep, data=calibration_data, log=log)
     quantization = None
-    precision = "float32"
     if quantize == "int8":
         from resnetlab.deployment.quantize import quantize_checkpoint_export
 
@@ -244,13 +355,15 @@ def _export_into(staging: Path, model: nn.Module, meta: dict, prep: Preprocessin
         "batch_size": None if dynamic_batch else 1,
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "torch_version": str(torch.__version__),
+        "cpu_isa": cpu_vector_isa() if fmt == "aoti" else None,
         "parity": {"reference": "eager float32 model from the checkpoint", "inputs": "random uint8 images, normalized",
                    "tolerance": {"probabilities": atol, "logits": f"{atol:g} x max(1, largest |logit|)"},
                    "checks": [asdict(p) for p in parity],
                    "checked_model": "the float32 model before int8 quantization" if quantize else "this model"},
         "quantization": quantization,
+        "accuracy_change": accuracy_change,  # bf16: against the float32 model on real images (None: not measured)
     }
     write_json(staging / RECORD_FILE, record)
     (staging / RECORD_FILE).chmod(0o644)  # an artifact to ship: readable by the account that serves it
     return ExportResult(out_dir=staging, model_path=model_path, record=record, parity=parity,
-                        quantization=quantization)
+                        quantization=quantization, accuracy_change=accuracy_change)

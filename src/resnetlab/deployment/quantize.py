@@ -3,7 +3,8 @@
 Static quantization (``onnxruntime.quantization.quantize_static``): QDQ format, per-channel signed int8 weights,
 unsigned int8 activations whose ranges are calibrated (min/max) on images from the training split. The change in
 top-1 accuracy is then measured on the held-out split (test, else validation) of the same data, mapped onto the
-model's classes, so an int8 export records what it costs next to what it gains.
+model's classes, so an int8 export records what it costs next to what it gains. A bf16 package gets the same
+measurement (:func:`measure_precision_change`), without the calibration.
 """
 
 from __future__ import annotations
@@ -134,12 +135,13 @@ def run_on_sample(backends: dict[str, InferenceBackend], sample: LabelledSample,
     return {key: torch.cat(value) for key, value in outputs.items()}, seconds
 
 
-def accuracy_change(reference: torch.Tensor, quantized: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+def accuracy_change(reference: torch.Tensor, quantized: torch.Tensor, labels: torch.Tensor, *,
+                    precision: str = "int8") -> dict[str, float]:
     top1_reference = float((reference.argmax(1) == labels).float().mean())
     top1_quantized = float((quantized.argmax(1) == labels).float().mean())
     return {
         "float32_top1": round(top1_reference, 6),
-        "int8_top1": round(top1_quantized, 6),
+        f"{precision}_top1": round(top1_quantized, 6),
         "top1_change": round(top1_quantized - top1_reference, 6),
         "top1_agreement": round(float((reference.argmax(1) == quantized.argmax(1)).float().mean()), 6),
         "max_abs_probability_difference": round(float((reference.softmax(1) - quantized.softmax(1)).abs().max()), 6),
@@ -174,4 +176,29 @@ def quantize_checkpoint_export(fp32_model: Path, out_model: Path, reference: Inf
         f"(change {report['top1_change']:+.4f}, agreement {report['top1_agreement']:.1%}) on "
         f"{evaluation.description}; {report['speedup_vs_onnxruntime_float32']:.2f}x float32 ONNX Runtime, "
         f"{report['speedup_vs_eager_float32']:.2f}x eager float32 during that evaluation")
+    return report
+
+
+def measure_precision_change(reference: InferenceBackend, candidate: InferenceBackend, meta: dict[str, Any],
+                             prep: Preprocessing, *, data: str | None,
+                             log: Callable[[str], None] = print) -> dict[str, Any] | None:
+    """A lower-precision model's top-1 change and agreement against the float32 one, on the held-out split of
+    ``data`` (None: the checkpoint's training data). None, with a note, when no such images can be read here."""
+    from resnetlab.deployment.predictor import preferred_batch
+
+    precision = candidate.precision
+    try:
+        _, evaluation = load_labelled_samples(data, meta, prep, calibration_limit=1)
+    except ResnetlabError as err:
+        log(f"note: {precision} accuracy change not measured ({err}); pass --calibration-data SPEC to measure it")
+        return None
+    outputs, seconds = run_on_sample({"float32": reference, precision: candidate}, evaluation, prep,
+                                     batch_size=min(preferred_batch(prep.input_size), 64))
+    report = {"evaluated_on": evaluation.description,
+              **accuracy_change(outputs["float32"], outputs[precision], evaluation.labels, precision=precision),
+              "speedup_vs_eager_float32": round(seconds["float32"] / max(seconds[precision], 1e-9), 3),
+              "speedup_measured": "total time over the evaluation batches, interleaved with eager float32"}
+    log(f"{precision}: top-1 {report[precision + '_top1']:.4f} vs float32 {report['float32_top1']:.4f} "
+        f"(change {report['top1_change']:+.4f}, agreement {report['top1_agreement']:.1%}, largest confidence change "
+        f"{report['max_abs_probability_difference']:.1e}) on {evaluation.description}")
     return report

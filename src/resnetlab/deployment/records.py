@@ -29,7 +29,7 @@ from resnetlab.errors import CheckpointError
 RECORD_FILE = "preprocessing.json"
 RECORD_FORMAT = "resnetlab-deployment"
 RECORD_FORMAT_VERSION = 1
-MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.ts"}
+MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.ts", "aoti": "model.pt2"}
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 SCALING = "x / 255 per channel in channel_order, then (x - mean) / std"
 

@@ -303,8 +303,6 @@ def serve(source: str | Path, *, host: str = "127.0.0.1", port: int = 8000, work
     import uvicorn
 
     from resnetlab.deployment.backends import default_threads
-    from resnetlab.deployment.predictor import cached_onnx_export
-    from resnetlab.deployment.records import is_export_dir
 
     if not is_loopback(host):
         log(f"warning: serving on {host}, reachable from other machines; the service has no authentication")
@@ -317,9 +315,8 @@ def serve(source: str | Path, *, host: str = "127.0.0.1", port: int = 8000, work
         uvicorn.run(create_app(predictor, max_upload_bytes=max_upload_bytes, max_files=max_files), host=host,
                     port=port, log_level="info")
         return
-    worker_source = str(source)
-    if predictor.backend.name == "onnxruntime" and not is_export_dir(source):
-        worker_source = str(cached_onnx_export(source))  # already made above: the workers read the export
+    # A checkpoint's cached export was made above: the workers load that folder instead of exporting again.
+    worker_source = str(predictor.artifact_dir or source)
     os.environ.update({ENVIRONMENT_PREFIX + "SOURCE": worker_source,
                        ENVIRONMENT_PREFIX + "BACKEND": "auto" if worker_source != str(source) else backend,
                        ENVIRONMENT_PREFIX + "THREADS": str(threads),

@@ -1,0 +1,114 @@
+"""bf16 AOTInductor packages: the fast deployment path for large models, with parity between its checkpoint, export
+and service, and errors that say which combination to use instead.
+
+Each AOTInductor compilation of the tiny ResNet-20 takes about 15 s here, so this module compiles twice: once through
+`resnetlab export`, once through the prediction cache (which is what proves that two builds answer alike).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from resnetlab.cli.main import main
+from resnetlab.deployment.export import PARITY_ATOL_BF16, export_checkpoint
+from resnetlab.deployment.predictor import export_cache_dir, load_predictor
+from resnetlab.deployment.records import RECORD_FILE
+from resnetlab.errors import CheckpointError, ResnetlabError
+from tests.test_deploy_export import tiny_checkpoint  # noqa: F401  (the shared trained model)
+
+# Two builds of one package, and one package at different batch sizes, run the same kernels on the same numbers.
+SAME_COMPUTATION = 1e-6
+
+
+@pytest.fixture(scope="module")
+def bf16_export(tiny_checkpoint, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("aoti") / "bf16"
+    assert main(["export", str(tiny_checkpoint), "--format", "aoti", "--precision", "bf16", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def test_images(tiny_signs):
+    return [str(p) for p in sorted((tiny_signs / "Test").glob("*.png"))[:24]]
+
+
+def test_bf16_export_records_its_precision_parity_and_accuracy_change(bf16_export):
+    record = json.loads((bf16_export / RECORD_FILE).read_text())
+    artifact = record["artifact"]
+    assert (bf16_export / artifact["file"]).is_file() and artifact["file"] == "model.pt2"
+    assert artifact["format"] == "aoti" and artifact["precision"] == "bf16" and artifact["dynamic_batch"]
+    assert artifact["cpu_isa"]  # the package runs only where this instruction set does
+    checks = artifact["parity"]["checks"]
+    assert [c["batch_size"] for c in checks] == [1, 8]
+    assert artifact["parity"]["tolerance"]["probabilities"] == PARITY_ATOL_BF16
+    # bf16 rounding is there (the package is not secretly float32) and within the bf16 tolerance
+    assert all(0 < c["max_abs_probabilities"] <= PARITY_ATOL_BF16 for c in checks)
+    change = artifact["accuracy_change"]  # measured on the test split of the synthetic training data
+    assert " test images of gtsrb:" in change["evaluated_on"]
+    assert change["top1_change"] == pytest.approx(change["bf16_top1"] - change["float32_top1"], abs=1e-6)
+    assert 0.0 <= change["top1_agreement"] <= 1.0 and change["max_abs_probability_difference"] > 0
+    assert artifact["quantization"] is None
+
+
+def test_checkpoint_export_and_service_agree_in_bf16(tiny_checkpoint, bf16_export, test_images):  # noqa: F811
+    from resnetlab.deployment.service import create_app
+
+    exported = load_predictor(bf16_export)
+    assert exported.backend.name == "aoti" and exported.backend.precision == "bf16"
+    from_checkpoint = load_predictor(tiny_checkpoint, precision="bf16")  # a second build, through the cache
+    assert from_checkpoint.backend.name == "aoti"
+    assert from_checkpoint.artifact_dir == export_cache_dir(tiny_checkpoint, fmt="aoti", precision="bf16")
+    a = {p.path: p for p in exported.predict_paths(test_images, topk=3)}
+    b = {p.path: p for p in from_checkpoint.predict_paths(test_images, topk=3)}
+    for path in test_images:
+        assert a[path].classes == b[path].classes
+        assert max(abs(x - y) for x, y in zip(a[path].confidences, b[path].confidences)) <= SAME_COMPUTATION
+
+    client = TestClient(create_app(exported))
+    assert client.get("/model").json()["artifact"]["precision"] == "bf16"
+    for path in test_images[:4]:  # one image per request: batch 1, where the predictions above ran in batches
+        with open(path, "rb") as handle:
+            reply = client.post("/predict?topk=3", files={"file": (path, handle.read(), "image/png")}).json()
+        top = reply["predictions"][0]["top"]
+        assert [t["class"] for t in top] == a[path].classes
+        assert max(abs(t["confidence"] - c) for t, c in zip(top, a[path].confidences)) <= SAME_COMPUTATION
+
+
+def test_bf16_package_answers_alike_in_any_batch(bf16_export, test_images):
+    predictor = load_predictor(bf16_export)
+    batch = torch.stack([predictor.prepare(p) for p in test_images])
+    together = predictor.probabilities(batch)
+    one_by_one = torch.cat([predictor.probabilities(batch[i : i + 1]) for i in range(len(batch))])
+    assert (together - one_by_one).abs().max() <= SAME_COMPUTATION
+
+
+def test_bf16_is_refused_where_it_cannot_run(tiny_checkpoint, bf16_export, tmp_path, capsys):  # noqa: F811
+    with pytest.raises(ResnetlabError, match="--format aoti"):
+        export_checkpoint(tiny_checkpoint, tmp_path / "onnx-bf16", fmt="onnx", precision="bf16", log=lambda m: None)
+    assert not (tmp_path / "onnx-bf16" / RECORD_FILE).exists()
+    with pytest.raises(CheckpointError, match="AOTInductor export, which runs on --backend aoti"):
+        load_predictor(bf16_export, backend="onnxruntime")
+    assert main(["export", str(tiny_checkpoint), "--precision", "fp8", "--out", str(tmp_path / "x")]) == 2
+    assert "--precision 'fp8'" in capsys.readouterr().err
+
+
+def test_damaged_package_is_a_clear_error(bf16_export, tmp_path):
+    import shutil
+
+    copy = tmp_path / "damaged"
+    shutil.copytree(bf16_export, copy)
+    (copy / "model.pt2").write_bytes(b"not a package")
+    with pytest.raises(CheckpointError, match="cannot load AOTInductor package .*re-export it here"):
+        load_predictor(copy)
+
+
+@pytest.mark.slow
+def test_float32_package_keeps_float32_parity(tiny_checkpoint, tmp_path):  # noqa: F811
+    result = export_checkpoint(tiny_checkpoint, tmp_path / "f32", fmt="aoti", log=lambda m: None)
+    assert result.record["artifact"]["precision"] == "float32"
+    assert all(p.passes(1e-4) for p in result.parity) and [p.batch_size for p in result.parity] == [1, 8]
+    assert result.accuracy_change is None
