@@ -71,3 +71,22 @@ def test_a_file_backed_run_resumed_with_two_workers_ends_as_the_uninterrupted_on
     assert main(["train", "--resume", str(resumed), "--epochs", "4", "--quiet"]) == 0
     assert rows(resumed) == rows(straight)
     assert len(rows(straight)) == 4
+
+
+def test_weighted_sampling_is_sharded_between_ranks(tiny_signs):
+    """Under DDP each rank takes its own share of one weighted draw (before, every rank trained on the whole draw)."""
+    cfg = build_config({}, {"data.spec": f"gtsrb:{tiny_signs}", "data.input_size": SIZE, "data.batch_size": 16,
+                            "data.num_workers": 0, "data.sampler": "weighted"})
+
+    def drawn(rank: int, world_size: int, epoch: int) -> list[int]:
+        sampler = build_run_data(cfg, rank=rank, world_size=world_size, log=lambda message: None).train.sampler
+        sampler.set_epoch(epoch)
+        return [i for _, i in sampler]
+
+    whole = drawn(0, 1, epoch=3)
+    shards = [drawn(rank, 2, epoch=3) for rank in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == -(-len(whole) // 2)
+    # the ranks interleave one draw, the one a single process makes (padded by its first index when odd)
+    padded = whole + whole[: 2 * len(shards[0]) - len(whole)]
+    assert shards[0] == padded[0::2] and shards[1] == padded[1::2]
+    assert drawn(0, 2, epoch=4) != shards[0]  # and a new epoch is a new draw

@@ -112,3 +112,19 @@ def test_float32_package_keeps_float32_parity(tiny_checkpoint, tmp_path):  # noq
     assert result.record["artifact"]["precision"] == "float32"
     assert all(p.passes(1e-4) for p in result.parity) and [p.batch_size for p in result.parity] == [1, 8]
     assert result.accuracy_change is None
+
+
+def test_without_a_compiler_bf16_falls_back_to_eager_and_says_so(tiny_checkpoint, tmp_path, monkeypatch):  # noqa: F811
+    from resnetlab.deployment import export
+
+    def no_compiler(*args, **kwargs):
+        raise export.ExportError("AOTInductor export failed: g++ not found")
+
+    monkeypatch.setattr(export, "export_aotinductor", no_compiler)
+    messages = []
+    predictor = load_predictor(tiny_checkpoint, precision="bf16", cache_root=tmp_path, log=messages.append)
+    assert predictor.backend.name == "torch" and predictor.backend.precision == "bf16"
+    assert any("g++ not found" in m and "eager torch instead" in m for m in messages)
+    assert not list(tmp_path.glob("exports/*/" + RECORD_FILE))  # nothing half-made was cached
+    with pytest.raises(ResnetlabError, match="g\\+\\+ not found"):  # asked for by name: no quiet fallback
+        load_predictor(tiny_checkpoint, backend="aoti", precision="bf16", cache_root=tmp_path)

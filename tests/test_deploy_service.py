@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resnetlab.deployment.predictor import cached_onnx_export, load_predictor
+from resnetlab.deployment.predictor import cached_export, load_predictor
 from tests.test_deploy_export import tiny_checkpoint  # noqa: F401  (the shared trained model)
 
 with warnings.catch_warnings():
@@ -38,7 +38,7 @@ SMALL_LIMIT = 256 * 1024
 @pytest.fixture(scope="module")
 def export_dir(tiny_checkpoint):
     """The export the default path makes (and `serve CHECKPOINT` below reuses from the cache)."""
-    return cached_onnx_export(tiny_checkpoint)
+    return cached_export(tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")

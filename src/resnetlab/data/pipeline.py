@@ -294,10 +294,17 @@ class EpochSampler(Sampler):
     or in order. Either way nothing is drawn from torch's global generator, whose state the training loop's own
     random steps (mixup, erasing) and the checkpoints share. As with DistributedSampler, call :meth:`set_epoch`
     before each epoch (the Trainer does): without it every pass repeats the same epoch.
+
+    With ``world_size`` > 1 the indices are split between the ranks as DistributedSampler splits them (padded to a
+    multiple of the world size, then every ``world_size``-th from ``rank``). The draw is a function of the seed and
+    the epoch, so every rank draws the same indices and the shards are disjoint parts of one draw: this is how a
+    weighted sampler, which knows nothing of ranks, is sharded.
     """
 
-    def __init__(self, length: int, *, shuffle: bool, seed: int, base: Sampler | None = None):
+    def __init__(self, length: int, *, shuffle: bool, seed: int, base: Sampler | None = None, rank: int = 0,
+                 world_size: int = 1):
         self.length, self.shuffle, self.seed, self.base = length, shuffle, seed, base
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.generator = torch.Generator()
         if base is not None and hasattr(base, "generator"):
@@ -309,16 +316,20 @@ class EpochSampler(Sampler):
             self.base.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return len(self.base) if self.base is not None else self.length
+        drawn = len(self.base) if self.base is not None else self.length
+        return -(-drawn // self.world_size)
 
     def __iter__(self):
         self.generator.manual_seed(sample_seed(self.seed, self.epoch, -1))
         if self.base is not None:
-            indices = iter(self.base)
+            indices = list(self.base)
         elif self.shuffle:
-            indices = iter(torch.randperm(self.length, generator=self.generator).tolist())
+            indices = torch.randperm(self.length, generator=self.generator).tolist()
         else:
-            indices = iter(range(self.length))
+            indices = list(range(self.length))
+        if self.world_size > 1:
+            per_rank = -(-len(indices) // self.world_size)
+            indices = (indices + indices[: per_rank * self.world_size - len(indices)])[self.rank :: self.world_size]
         return ((self.epoch, int(i)) for i in indices)
 
 
@@ -337,12 +348,14 @@ class FileBatches:
                  mirror: MirrorSwap | None = None):
         from torch.utils.data import DistributedSampler, WeightedRandomSampler
 
-        base = None
+        base, shard = None, {}
         if sample_weights is not None:
+            # one weighted draw per epoch, the same on every rank, of which each rank takes its share
             base = WeightedRandomSampler(sample_weights, len(dataset), replacement=True)
+            shard = {"rank": rank, "world_size": world_size}
         elif world_size > 1:
             base = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
-        self.sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, base=base)
+        self.sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, base=base, **shard)
         # The uint8 batches the workers collate are turned into float here, so it is the float batch that is put in
         # page-locked memory (see transform), for asynchronous copies to the GPU.
         self.pin_memory = pin_memory and torch.cuda.is_available()

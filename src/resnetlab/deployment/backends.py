@@ -17,6 +17,7 @@ aoti           an AOTInductor package (``torch._inductor.aoti_compile_and_packag
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -170,7 +171,7 @@ class AotInductorBackend(InferenceBackend):
         import torch._inductor  # imported here: inductor takes a second to import and only this backend needs it
 
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), quiet_cpp_builder():
                 warnings.simplefilter("ignore")
                 self.runner = torch._inductor.aoti_load_package(str(path))
         except Exception as err:  # a damaged package, or one built for another CPU or torch version
@@ -217,3 +218,15 @@ def quiet_torchscript_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         yield
+
+
+@contextlib.contextmanager
+def quiet_cpp_builder():
+    """torch's C++ builder logs 'No CUDA runtime is found' whenever AOTInductor compiles or loads on a CPU machine."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    previous = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)

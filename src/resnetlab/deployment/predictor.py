@@ -259,12 +259,6 @@ def cached_export(checkpoint: str | Path, *, fmt: str = "onnx", precision: str =
     return folder
 
 
-def cached_onnx_export(checkpoint: str | Path, *, cache_root: Path | None = None,
-                       log: Callable[[str], None] | None = None) -> Path:
-    """The checkpoint's parity-checked float32 ONNX export (dynamic batch), made on first use."""
-    return cached_export(checkpoint, cache_root=cache_root, log=log)
-
-
 def load_predictor(source: str | Path, *, backend: str = "auto", threads: int | None = None, device: str = "cpu",
                    precision: str = "float32", cache_root: Path | None = None,
                    log: Callable[[str], None] | None = None) -> Predictor:
@@ -288,13 +282,12 @@ def load_predictor(source: str | Path, *, backend: str = "auto", threads: int | 
         raise CheckpointError(f"--precision '{precision}': choose one of {', '.join(PRECISIONS)}")
     path = Path(source)
     if is_export_dir(path):
-        predictor = _load_export(path, backend, threads)
-        made_in = predictor.backend.precision
+        made_in = read_export_record(path)["artifact"].get("precision", "float32")
         if precision == "bf16" and made_in != "bf16":
             raise CheckpointError(f"'{path}' is a {made_in} export, and an export runs in the precision it was "
                                   "made in; for bf16 pass the checkpoint, or export it with --format aoti "
                                   "--precision bf16")
-        return predictor
+        return _load_export(path, backend, threads)
     checkpoint_file = resolve_checkpoint_file(path)
     if backend == "torchscript":
         raise CheckpointError(f"--backend torchscript runs a TorchScript export; make one with `resnetlab export "

@@ -261,7 +261,9 @@ def image_gallery(items: Sequence[GalleryItem], out_path: Path, *,
     if not loaded:
         return None
     n_rows, n_cols = _grid_shape(len(loaded), ncols)
-    figure = Figure(figsize=(2.6 * n_cols, 3.05 * n_rows))
+    # constrained layout reserves room for each caption and for the figure title; tight_layout let the captions of
+    # images of other aspect ratios run into the row above, and the first row's into the title
+    figure = Figure(figsize=(2.6 * n_cols, 3.05 * n_rows), layout="constrained")
     axes = np.atleast_1d(figure.subplots(n_rows, n_cols, squeeze=False)).ravel()
     for axis in axes:
         axis.axis("off")
@@ -274,7 +276,6 @@ def image_gallery(items: Sequence[GalleryItem], out_path: Path, *,
         axis.set_title(caption, fontsize=7.5, color=WRONG_COLOR if wrong else CORRECT_COLOR, loc="left")
     if title:
         figure.suptitle(title)
-    figure.tight_layout()
     return _save(figure, out_path)
 
 
