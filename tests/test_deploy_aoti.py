@@ -128,3 +128,49 @@ def test_without_a_compiler_bf16_falls_back_to_eager_and_says_so(tiny_checkpoint
     assert not list(tmp_path.glob("exports/*/" + RECORD_FILE))  # nothing half-made was cached
     with pytest.raises(ResnetlabError, match="g\\+\\+ not found"):  # asked for by name: no quiet fallback
         load_predictor(tiny_checkpoint, backend="aoti", precision="bf16", cache_root=tmp_path)
+
+
+def _predictions(folder):
+    import csv
+
+    with open(folder / "predictions.csv", newline="") as handle:
+        return {row["path"]: row for row in csv.DictReader(handle)}
+
+
+def test_evaluate_an_export_on_the_whole_split(tiny_checkpoint, bf16_export, tmp_path):  # noqa: F811
+    """`evaluate --export DIR` measures what is deployed: a float32 export scores as the checkpoint does (its
+    confidences equal to the float32 parity), a bf16 package gets its own full evaluation and says so."""
+    onnx = export_checkpoint(tiny_checkpoint, tmp_path / "onnx", fmt="onnx", dynamic_batch=True, log=lambda m: None)
+    outs = {name: tmp_path / name for name in ("checkpoint", "onnx", "bf16")}
+    assert main(["evaluate", str(tiny_checkpoint), "--out", str(outs["checkpoint"])]) == 0
+    assert main(["evaluate", str(tiny_checkpoint), "--export", str(onnx.out_dir), "--out", str(outs["onnx"])]) == 0
+    assert main(["evaluate", str(tiny_checkpoint.parent.parent), "--export", str(bf16_export),
+                 "--out", str(outs["bf16"])]) == 0
+    metrics = {name: json.loads((out / "metrics.json").read_text()) for name, out in outs.items()}
+    assert "evaluated_model" not in metrics["checkpoint"]
+    assert metrics["onnx"]["evaluated_model"]["backend"] == "onnxruntime"
+    assert metrics["bf16"]["evaluated_model"] == {"export": str(bf16_export), "format": "aoti",
+                                                  "precision": "bf16", "backend": "aoti"}
+    reference, through_onnx = _predictions(outs["checkpoint"]), _predictions(outs["onnx"])
+    assert reference.keys() == through_onnx.keys() == _predictions(outs["bf16"]).keys()
+    for path, row in reference.items():
+        assert through_onnx[path]["pred_index"] == row["pred_index"]
+        assert abs(float(through_onnx[path]["confidence"]) - float(row["confidence"])) <= 1e-4
+    assert metrics["onnx"]["top1"] == metrics["checkpoint"]["top1"]
+    assert abs(metrics["bf16"]["top1"] - metrics["checkpoint"]["top1"]) <= 0.1
+    assert "bf16 aoti export" in (outs["bf16"] / "report.md").read_text()
+    assert not (outs["bf16"] / "gradcam.npz").exists()  # Grad-CAM needs the torch model
+
+
+def test_evaluate_refuses_an_export_of_another_checkpoint(tiny_checkpoint, bf16_export, tmp_path, capsys):  # noqa: F811
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(bf16_export, other)
+    record = json.loads((other / RECORD_FILE).read_text())
+    record["source"]["checkpoint_sha256"] = "0" * 64
+    (other / RECORD_FILE).write_text(json.dumps(record))
+    assert main(["evaluate", str(tiny_checkpoint), "--export", str(other), "--out", str(tmp_path / "e")]) == 2
+    assert "was not exported from" in capsys.readouterr().err
+    assert main(["evaluate", str(tiny_checkpoint), "--export", str(tmp_path), "--out", str(tmp_path / "f")]) == 2
+    assert "is not an export folder" in capsys.readouterr().err

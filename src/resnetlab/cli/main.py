@@ -129,8 +129,10 @@ def evaluate(
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", rich_help_panel=DATA)] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda", rich_help_panel=MODEL)] = "auto",
     overrides: Annotated[Optional[list[str]], typer.Argument(metavar="[data.KEY=VALUE]...", help="Settings for reading the data, e.g. data.on_bad_image=skip data.classes=[2,3] (the preprocessing is the checkpoint's)", show_default=False)] = None,
+    export_dir: Annotated[Optional[Path], typer.Option("--export", help="Evaluate this export of the checkpoint (int8, bf16, ...) through the runtime that serves it", rich_help_panel=MODEL)] = None,
 ) -> None:
-    """Evaluate a checkpoint: metrics.json, per-class, confusion, predictions, calibration, and a report."""
+    """Evaluate a checkpoint, or one of its exports: metrics.json, per-class, confusion, predictions, calibration,
+    and a report."""
     from datetime import datetime
 
     from resnetlab.jobs.evaluate import evaluate_job
@@ -142,7 +144,7 @@ def evaluate(
         run_dir = checkpoint if checkpoint.is_dir() else checkpoint.resolve().parent.parent
         out = run_dir / "evaluations" / f"{split}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     evaluate_job(checkpoint, data, split, out, tta=tta, device=device, batch_size=batch_size,
-                 overrides=list(overrides or []), log=lambda m: typer.echo(m, err=True))
+                 overrides=list(overrides or []), export_dir=export_dir, log=lambda m: typer.echo(m, err=True))
     render_report(out)
     metrics = json.loads((out / "metrics.json").read_text())
     typer.echo(f"top1 {metrics['top1']:.4f}  top5 {metrics['top5']:.4f}  balanced_accuracy "

@@ -4,11 +4,16 @@
 the checkpoint records the data config and the split fingerprints, the split is recomputed with the same seed and
 checked against them. A dataset from another source whose classes are a subset of the model's is evaluated on the
 classes it has, its class ids mapped through the checkpoint's class list.
+
+``--export DIR`` evaluates an export of the checkpoint instead of the checkpoint itself (an int8 ONNX model, a bf16
+AOTInductor package, ...), on the same images with the same metrics and report, through the runtime that serves it:
+the accuracy of what is deployed, measured on the whole split rather than on the sample the export checked.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +35,40 @@ from resnetlab.errors import ConfigError, DataError
 GRADCAM_IMAGES = 16
 
 
+class ExportedModel(torch.nn.Module):
+    """An export's inference backend where the evaluation expects a model: normalized batch in, logits out."""
+
+    def __init__(self, backend):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backend.run(x.float().contiguous())
+
+
+def load_export_of(checkpoint_file: Path, export_dir: Path):
+    """The predictor of ``export_dir``, which must have been exported from ``checkpoint_file`` (or the run
+    directory's best checkpoint)."""
+    from resnetlab.deployment.predictor import load_predictor, resolve_checkpoint_file
+    from resnetlab.deployment.records import file_sha256, is_export_dir, read_export_record
+    from resnetlab.errors import CheckpointError
+
+    if not is_export_dir(export_dir):
+        raise CheckpointError(f"--export '{export_dir}' is not an export folder (no preprocessing.json); make one "
+                              "with `resnetlab export`")
+    checkpoint_file = resolve_checkpoint_file(checkpoint_file)
+    made_from = (read_export_record(export_dir).get("source") or {}).get("checkpoint_sha256")
+    if made_from != file_sha256(checkpoint_file):
+        raise CheckpointError(f"--export '{export_dir}' was not exported from '{checkpoint_file}' (its record names "
+                              f"checkpoint sha256 {str(made_from)[:12]}...); pass the checkpoint it was made from")
+    return load_predictor(export_dir)
+
+
 def evaluate_model_on_batches(model, runtime: Runtime, batches, table: SampleTable, *, class_names: list[str],
                               prep: Preprocessing, out_dir: Path, val_batches=None, topk: int = 5,
                               gradcam: bool = True, split_name: str = "test", labels_present: list[int] | None = None,
-                              tta: bool = False, flip_allowed: bool = False, log: Callable[[str], None] = print):
+                              tta: bool = False, flip_allowed: bool = False, evaluated_model: dict | None = None,
+                              log: Callable[[str], None] = print):
     from resnetlab.evaluation.metrics import evaluate_predictions
 
     flip = tta and flip_allowed
@@ -46,6 +81,8 @@ def evaluate_model_on_batches(model, runtime: Runtime, batches, table: SampleTab
                                   val_targets=val_targets, topk=topk, labels_present=labels_present)
     result.metrics["split"] = split_name
     result.metrics["tta"] = ("5 crops" + (" x horizontal flip" if flip else "")) if tta else "none"
+    if evaluated_model is not None:
+        result.metrics["evaluated_model"] = evaluated_model  # an export, not the checkpoint
     result.save(out_dir)
     if gradcam:
         _save_gradcam(model, runtime, table, targets, logits, class_names, prep, out_dir / "gradcam.npz")
@@ -130,7 +167,8 @@ def evaluation_data_config(saved: RunConfig, data_spec: str | None, overrides: l
 
 def evaluate_job(checkpoint: Path, data_spec: str | None, split: str, out_dir: Path, *, tta: bool = False,
                  device: str = "auto", batch_size: int | None = None, overrides: list[str] | None = None,
-                 log: Callable[[str], None] = print) -> Path:
+                 export_dir: Path | None = None, log: Callable[[str], None] = print) -> Path:
+    """Evaluate ``checkpoint`` (a file or run directory), or with ``export_dir`` its export, on ``split``."""
     state = load_checkpoint(checkpoint)
     model, meta = model_from_checkpoint(state)
     prep = preprocessing_from_meta(meta)
@@ -176,6 +214,18 @@ def evaluate_job(checkpoint: Path, data_spec: str | None, split: str, out_dir: P
         log(f"evaluating on the {len(present)} of {len(meta['classes']['names'])} model classes this data holds")
 
     runtime = resolve_runtime(saved.train.model_copy(update={"device": device})).for_evaluation(saved.eval.precision)
+    gradcam = saved.eval.gradcam
+    evaluated = None
+    if export_dir is not None:
+        predictor = load_export_of(checkpoint, Path(export_dir))
+        artifact = predictor.record["artifact"]
+        evaluated = {"export": str(export_dir), "format": artifact["format"], "precision": artifact["precision"],
+                     "backend": predictor.backend.name}
+        log(f"evaluating the {artifact['precision']} {artifact['format']} export {export_dir} on "
+            f"{predictor.backend.name}, not the checkpoint (no Grad-CAM: it needs the torch model)")
+        # the export takes normalized float32 NCHW batches on the CPU and runs in its own precision
+        model, gradcam = ExportedModel(predictor.backend), False
+        runtime = replace(runtime, device=torch.device("cpu"), precision="fp32", channels_last=False)
     model = model.to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -185,7 +235,8 @@ def evaluate_job(checkpoint: Path, data_spec: str | None, split: str, out_dir: P
         log(f"note: the '{saved.augment.preset}' augmentation preset does not flip images (mirror-image classes), "
             "so test-time augmentation uses crops only, no flips")
     evaluate_model_on_batches(model, runtime, batches, table, class_names=list(meta["classes"]["names"]), prep=prep,
-                              out_dir=out_dir, topk=saved.eval.topk, gradcam=saved.eval.gradcam, split_name=split,
-                              labels_present=labels_present, tta=tta, flip_allowed=flip_allowed, log=log)
+                              out_dir=out_dir, topk=saved.eval.topk, gradcam=gradcam, split_name=split,
+                              labels_present=labels_present, tta=tta, flip_allowed=flip_allowed,
+                              evaluated_model=evaluated, log=log)
     return out_dir
 

@@ -360,6 +360,10 @@ def _test_results(doc: Document, run: RunFiles) -> None:
                  if key in metrics]
     if described:
         doc.paragraph("Evaluated: " + ", ".join(described) + ".")
+    exported = metrics.get("evaluated_model")
+    if exported:
+        doc.paragraph(f"These figures are those of the {exported['precision']} {exported['format']} export "
+                      f"`{exported['export']}` on {exported['backend']}, not of the checkpoint itself.")
     if metrics.get("class_subset"):
         doc.paragraph(f"This test set holds {metrics['num_classes']} of the model's {metrics['num_model_classes']} "
                       f"classes: per-class, macro, weighted and balanced figures cover those classes, while a "
