@@ -174,3 +174,20 @@ def test_evaluate_refuses_an_export_of_another_checkpoint(tiny_checkpoint, bf16_
     assert "was not exported from" in capsys.readouterr().err
     assert main(["evaluate", str(tiny_checkpoint), "--export", str(tmp_path), "--out", str(tmp_path / "f")]) == 2
     assert "is not an export folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["simple_cnn", "resnet20", "preact_resnet20", "resnet44v2", "wrn16_8", "resnet18",
+                                  "resnet50_small"])
+def test_every_model_family_has_a_bf16_form(name):
+    """Bf16Inference needs only the shared interface (a final `fc`); each family's bf16 form stays near float32."""
+    from resnetlab.deployment.export import Bf16Inference
+    from resnetlab.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=7).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        reference, fast = model(x), Bf16Inference(model)(x)
+    assert fast.dtype == torch.float32 and fast.shape == reference.shape
+    assert (fast.softmax(1) - reference.softmax(1)).abs().max() < PARITY_ATOL_BF16
+    assert next(model.parameters()).dtype == torch.float32  # the checkpoint's model is left as it was
