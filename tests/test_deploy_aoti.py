@@ -200,3 +200,62 @@ def test_every_model_family_has_a_bf16_form(name):
     assert fast.dtype == torch.float32 and fast.shape == reference.shape
     assert (fast.softmax(1) - reference.softmax(1)).abs().max() < PARITY_ATOL_BF16
     assert next(model.parameters()).dtype == torch.float32  # the checkpoint's model is left as it was
+
+
+def _meta(name: str, size: int) -> dict:
+    return {"model": {"name": name, "num_classes": 43, "kwargs": {}}, "preprocessing": {"input_size": size}}
+
+
+def test_the_default_precision_follows_the_models_size(monkeypatch):
+    from resnetlab.deployment import export, policy
+
+    monkeypatch.setattr(policy, "cpp_compiler_available", lambda: True)
+    monkeypatch.setattr(export, "native_bf16_cpu", lambda: True)
+    small, large = policy.choose_precision(_meta("resnet20", 32)), policy.choose_precision(_meta("resnet50", 224))
+    assert small.precision == "float32" and small.gmacs == pytest.approx(0.0406, abs=1e-3)
+    assert large.precision == "bf16" and large.gmacs == pytest.approx(4.09, abs=0.01)  # torchvision's 4.09 GFLOPS
+    assert policy.choose_precision(_meta("resnet50", 64)).precision == "float32"  # 0.33 GMAC
+    monkeypatch.setattr(export, "native_bf16_cpu", lambda: False)
+    assert "no bf16 matrix instructions" in policy.choose_precision(_meta("resnet50", 224)).reason
+    monkeypatch.setattr(export, "native_bf16_cpu", lambda: True)
+    monkeypatch.setattr(policy, "cpp_compiler_available", lambda: False)
+    assert "no C++ compiler" in policy.choose_precision(_meta("resnet50", 224)).reason
+
+
+@needs_compiler
+def test_a_run_whose_default_path_is_bf16_reports_what_bf16_costs(tiny_signs, tmp_path, monkeypatch):
+    """With the size threshold lowered, the tiny model counts as large: the run evaluates the bf16 package on its
+    test split, reports it, and `predict` then runs that very package from the cache."""
+    import csv
+
+    from resnetlab.deployment import export, policy
+
+    if not export.native_bf16_cpu():
+        pytest.skip("this CPU has no bf16 instructions, so the default path is float32 for every model")
+    monkeypatch.setattr(policy, "BF16_MIN_GMACS", 0.0)
+    run = tmp_path / "run"
+    assert main(["train", "--data", f"gtsrb:{tiny_signs}", "--epochs", "1", "--batch-size", "32", "--out", str(run),
+                 "--quiet", "train.threads=1", "eval.gradcam=false"]) == 0
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    deployment = metrics["deployment"]
+    assert deployment["precision"] == "bf16" and deployment["images"] == metrics["num_samples"]
+    assert deployment["float32_top1"] == pytest.approx(metrics["top1"], abs=1e-6)
+    assert deployment["top1_change"] == pytest.approx(deployment["top1"] - deployment["float32_top1"], abs=1e-5)
+    assert 0 < deployment["max_abs_confidence_change"] < PARITY_ATOL_BF16
+    assert "run this model as a bf16 AOTInductor package" in (run / "report.md").read_text()
+    predictor = load_predictor(run)
+    assert predictor.backend.precision == "bf16" and str(predictor.artifact_dir) == deployment["package"]
+    assert "GMAC per image" in predictor.describe()["runtime"]["precision_chosen_because"]
+    # what the served package answers on the test split is what the run reported for it
+    from resnetlab.data.preprocessing import prepare_image
+
+    with open(run / "splits.csv", newline="") as handle:
+        rois = {row["path"]: [int(v) for v in row["roi"].split()] for row in csv.DictReader(handle)
+                if row["split"] == "test"}
+    with open(run / "eval" / "predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    batch = torch.stack([prepare_image(row["path"], predictor.prep, rois[row["path"]]) for row in rows])
+    answers = predictor.probabilities(batch).argmax(dim=1)
+    served_top1 = float((answers == torch.tensor([int(row["true_index"]) for row in rows])).float().mean())
+    assert served_top1 == pytest.approx(deployment["top1"], abs=1e-6)
+    assert load_predictor(run, precision="float32").backend.precision == "float32"

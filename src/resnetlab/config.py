@@ -171,6 +171,9 @@ class EvalConfig(_Section):
     # deployment path (ONNX Runtime, float32) then reports the very confidences that `evaluate` wrote. "train"
     # evaluates under the training autocast instead: faster, with confidences that differ in the third decimal.
     precision: Literal["fp32", "train"] = "fp32"
+    # When `predict` and `serve` would run the model in bf16 on this machine (large models on CPUs with bf16
+    # instructions), also evaluate that bf16 package on the test split and report what it costs.
+    deployment_check: bool = True
 
 
 class LoggingConfig(_Section):

@@ -20,7 +20,7 @@ def bench_infer(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint (.pt) or a run directory")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the full result as JSON")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Batch of the throughput measurement")] = 32,
-    variants: Annotated[Optional[str], typer.Option("--variants", help="Comma-separated subset of: eager, eager_bf16_cl, compile, compile_bf16_cl, onnxruntime, onnxruntime_int8, torchscript, aoti, aoti_bf16, deployment, deployment_bf16")] = None,
+    variants: Annotated[Optional[str], typer.Option("--variants", help="Comma-separated subset of: eager, eager_bf16_cl, compile, compile_bf16_cl, onnxruntime, onnxruntime_int8, torchscript, aoti, aoti_bf16, deployment, deployment_float32, deployment_bf16")] = None,
     latency_calls: Annotated[int, typer.Option("--latency-calls", help="Batch-1 calls timed per variant")] = 200,
     rounds: Annotated[int, typer.Option("--rounds", help="Interleaved rounds (throughput is their median)")] = 5,
     threads: Annotated[Optional[int], typer.Option("--threads", help="Intra-op threads (default: all cores)")] = None,

@@ -7,9 +7,10 @@ from typing import Annotated, Optional
 
 import typer
 
-PRECISION_HELP = ("float32 (the default: equal to evaluation to 1e-4) or bf16 (a checkpoint compiled once into a "
-                  "cached bf16 AOTInductor package: about 5x eager float32 for resnet50 at 224 on CPUs with bf16 "
-                  "instructions; confidences differ from float32 by up to a few hundredths)")
+PRECISION_HELP = ("auto (the default: float32 ONNX Runtime for small models, equal to evaluation to 1e-4; a bf16 "
+                  "AOTInductor package for models of 1 GMAC or more per image on CPUs with bf16 instructions, "
+                  "e.g. resnet50 at 224: 5.8x eager float32), float32, or bf16 (confidences differ from float32 by "
+                  "up to a few hundredths)")
 BACKEND_HELP = ("auto (ONNX Runtime in float32, an AOTInductor package in bf16; a checkpoint is exported once into "
                 "the cache), torch, onnxruntime, torchscript or aoti")
 
@@ -62,7 +63,7 @@ def serve(
     port: Annotated[int, typer.Option("--port", "-p")] = 8000,
     workers: Annotated[int, typer.Option("--workers", "-w", help="Worker processes (the cores are shared among them)")] = 1,
     backend: Annotated[str, typer.Option("--backend", help=BACKEND_HELP)] = "auto",
-    precision: Annotated[str, typer.Option("--precision", help=PRECISION_HELP)] = "float32",
+    precision: Annotated[str, typer.Option("--precision", help=PRECISION_HELP)] = "auto",
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="Largest request body; larger ones get 413")] = 10.0,
 ) -> None:
     """Serve the model over HTTP: a web page at /, POST /predict, GET /health and GET /model."""

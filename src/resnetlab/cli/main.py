@@ -160,7 +160,7 @@ def predict(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images decoded and predicted together")] = 64,
     tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation as `evaluate --tta`: 5 crops, and mirror images where the training augmentation flips")] = False,
     backend: Annotated[str, typer.Option("--backend", help=BACKEND_HELP)] = "auto",
-    precision: Annotated[str, typer.Option("--precision", help=PRECISION_HELP)] = "float32",
+    precision: Annotated[str, typer.Option("--precision", help=PRECISION_HELP)] = "auto",
 ) -> None:
     """Predict the classes of images, with confidences. Exit code 1 if any file could not be read."""
     from resnetlab.deployment.predictor import BACKEND_CHOICES, expand_inputs, load_predictor

@@ -21,7 +21,8 @@ Variants: ``eager`` (float32, NCHW: the baseline), ``eager_bf16_cl`` (bf16 autoc
 ``compile`` (torch.compile with frozen weights, float32), ``compile_bf16_cl``, ``onnxruntime`` (float32 ONNX),
 ``onnxruntime_int8`` (static int8, with its accuracy change), ``torchscript``, ``aoti`` and ``aoti_bf16``
 (AOTInductor packages), ``deployment``: exactly what ``predict`` and ``serve`` run for this checkpoint by default,
-batching included, and ``deployment_bf16``: what they run with ``--precision bf16``.
+batching included (float32 ONNX Runtime or the bf16 package, as :mod:`resnetlab.deployment.policy` chooses for the
+model here), and ``deployment_float32`` / ``deployment_bf16``: what they run with ``--precision float32`` / ``bf16``.
 """
 
 from __future__ import annotations
@@ -54,11 +55,12 @@ VARIANTS = {
     "torchscript": "TorchScript trace + freeze, float32",
     "aoti": "AOTInductor package (frozen weights), float32",
     "aoti_bf16": "AOTInductor package (frozen weights), bf16 body + float32 classifier, channels_last",
-    "deployment": "the default deployment path of predict and serve",
+    "deployment": "the default deployment path of predict and serve (precision auto)",
+    "deployment_float32": "predict and serve with --precision float32",
     "deployment_bf16": "predict and serve with --precision bf16",
 }
 DEFAULT_VARIANTS = ("eager", "eager_bf16_cl", "compile", "compile_bf16_cl", "onnxruntime", "onnxruntime_int8",
-                    "aoti_bf16", "deployment", "deployment_bf16")
+                    "aoti_bf16", "deployment", "deployment_float32", "deployment_bf16")
 SETTLE_SECONDS = 0.1  # pause between two workers' turns, for the previous one's spinning threads to go to sleep
 
 
@@ -122,7 +124,7 @@ def _build(spec: dict[str, Any]):
         out = export_checkpoint(checkpoint, workdir, fmt="aoti", precision=precision, measure_accuracy=False,
                                 log=lambda m: None)
         return Predictor(AotInductorBackend(out.model_path, precision=precision), out.record, **plain), None
-    precision = "bf16" if name == "deployment_bf16" else "float32"
+    precision = {"deployment_bf16": "bf16", "deployment_float32": "float32"}.get(name, "auto")
     return load_predictor(checkpoint, backend="auto", threads=threads, precision=precision), None
 
 

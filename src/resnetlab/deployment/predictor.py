@@ -6,10 +6,12 @@ record), :func:`~resnetlab.data.preprocessing.normalize` (mean and std from the 
 softmax here (an export's output is logits, as ``preprocessing.json`` says). So the checkpoint, its exports and the
 service agree to the export's parity tolerance.
 
-The default backend (``auto``) is the fastest one that keeps float32 parity: ONNX Runtime. A checkpoint is exported
-to ONNX on first use (parity-checked like ``resnetlab export``) into a cache folder keyed by the checkpoint's hash;
-if that export fails, prediction falls back to eager torch and says so. ``precision="bf16"`` does the same with a
-bf16 AOTInductor package, the fastest path for large models (resnet50 at 224: about 5x eager float32 here).
+The default (backend and precision ``auto``) is the fastest path for the model on this machine
+(:mod:`resnetlab.deployment.policy`): float32 ONNX Runtime for small models, which keeps parity with evaluation to
+1e-4, and a bf16 AOTInductor package for large ones on CPUs with bf16 instructions (resnet50 at 224: 5.8x eager
+float32 here, against 3.4x for ONNX Runtime). A checkpoint is exported on first use (parity-checked like
+``resnetlab export``) into a cache folder keyed by the checkpoint's hash; if that fails, prediction falls back (bf16
+to float32, ONNX Runtime to eager torch) and says so. ``precision="float32"`` or ``"bf16"`` overrides the choice.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from resnetlab.deployment.records import file_sha256, is_export_dir, read_export
 from resnetlab.errors import CheckpointError, DataError
 
 BACKEND_CHOICES = ("auto", "torch", "onnxruntime", "torchscript", "aoti")
-PRECISIONS = ("float32", "bf16")
+PRECISIONS = ("auto", "float32", "bf16")
 EXPORT_RUNTIMES = {"onnx": "onnxruntime", "torchscript": "torchscript", "aoti": "aoti"}  # export format -> backend
 RUNTIME_FORMATS = {runtime: fmt for fmt, runtime in EXPORT_RUNTIMES.items()}
 FORMAT_NAMES = {"onnx": "ONNX", "torchscript": "TorchScript", "aoti": "an AOTInductor package"}
@@ -109,6 +111,7 @@ class Predictor:
         self.record = record
         self.source = source
         self.artifact_dir = artifact_dir  # the export folder the backend runs, if it runs one
+        self.chosen_because: str | None = None  # why precision=auto chose this precision, when it chose
         self.prep: Preprocessing = Preprocessing.from_dict(record["preprocessing"])
         self.class_names: list[str] = list(record["classes"]["names"])
         self.class_ids: list = list(record["classes"]["ids"])
@@ -199,7 +202,7 @@ class Predictor:
     def describe(self) -> dict[str, Any]:
         """The deployment record plus how this process runs it (for ``GET /model`` and logs)."""
         return {**self.record, "runtime": {**self.backend.describe(), "micro_batch": self.micro_batch,
-                                           "source": self.source}}
+                                           "source": self.source, "precision_chosen_because": self.chosen_because}}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -260,7 +263,7 @@ def cached_export(checkpoint: str | Path, *, fmt: str = "onnx", precision: str =
 
 
 def load_predictor(source: str | Path, *, backend: str = "auto", threads: int | None = None, device: str = "cpu",
-                   precision: str = "float32", cache_root: Path | None = None,
+                   precision: str = "auto", cache_root: Path | None = None,
                    log: Callable[[str], None] | None = None) -> Predictor:
     """A predictor for a checkpoint (file or run directory) or an export folder.
 
@@ -268,8 +271,10 @@ def load_predictor(source: str | Path, *, backend: str = "auto", threads: int | 
         package in bf16, each through a cached export), ``torch`` (eager, checkpoints only), ``onnxruntime``,
         ``torchscript`` or ``aoti`` (exports of that format, or a checkpoint's cached export for onnxruntime/aoti).
     threads: intra-op threads for ONNX Runtime or torch (None: their defaults, one per core).
-    precision: ``float32`` (parity with evaluation to 1e-4 on every backend) or ``bf16``: for a checkpoint, a bf16
-        AOTInductor package (about 5x eager float32 throughput for resnet50 at 224 on CPUs with bf16 instructions;
+    precision: ``auto`` (with backend ``auto``, the choice of :func:`~resnetlab.deployment.policy.choose_precision`
+        for this checkpoint on this machine: float32 for small models, bf16 for large ones on CPUs with bf16
+        instructions; an explicit backend runs float32), ``float32`` (parity with evaluation to 1e-4 on every
+        backend) or ``bf16``: a bf16 AOTInductor package (resnet50 at 224: 5.8x eager float32 throughput here;
         ``--backend torch``: eager bf16 autocast), with confidences that differ from float32 by up to a few
         hundredths on uncertain images (measured on gtsrb-dev and imagenette-dev). An export runs in the precision
         it was made in.
@@ -283,10 +288,10 @@ def load_predictor(source: str | Path, *, backend: str = "auto", threads: int | 
     path = Path(source)
     if is_export_dir(path):
         made_in = read_export_record(path)["artifact"].get("precision", "float32")
-        if precision == "bf16" and made_in != "bf16":
+        if precision not in ("auto", made_in):
             raise CheckpointError(f"'{path}' is a {made_in} export, and an export runs in the precision it was "
-                                  "made in; for bf16 pass the checkpoint, or export it with --format aoti "
-                                  "--precision bf16")
+                                  f"made in; for {precision} pass the checkpoint, or export it again with "
+                                  f"{'--format aoti --precision bf16' if precision == 'bf16' else '--format onnx'}")
         return _load_export(path, backend, threads)
     checkpoint_file = resolve_checkpoint_file(path)
     if backend == "torchscript":
@@ -295,6 +300,17 @@ def load_predictor(source: str | Path, *, backend: str = "auto", threads: int | 
     if precision == "bf16" and backend == "onnxruntime":
         raise CheckpointError("--precision bf16 runs on the aoti or torch backend: ONNX Runtime has no fast bf16 "
                               "convolutions on CPUs")
+    chosen_because = None
+    if precision == "auto":
+        precision = "float32"
+        if backend == "auto":
+            from resnetlab.deployment.policy import choose_precision
+            from resnetlab.engine.checkpoint import load_checkpoint
+
+            choice = choose_precision(load_checkpoint(checkpoint_file)["meta"])
+            precision, chosen_because = choice.precision, choice.reason
+            if log is not None and precision != "float32":
+                log(f"precision {precision} (auto): {choice.reason}")
     asked_for = backend
     if backend == "auto":
         backend = "aoti" if precision == "bf16" else ("onnxruntime" if onnxruntime_available() else "torch")
@@ -303,11 +319,17 @@ def load_predictor(source: str | Path, *, backend: str = "auto", threads: int | 
         try:
             folder = cached_export(checkpoint_file, fmt=fmt, precision=precision, cache_root=cache_root, log=log)
             predictor = _load_export(folder, backend, threads)
-            predictor.source = str(checkpoint_file)
+            predictor.source, predictor.chosen_because = str(checkpoint_file), chosen_because
             return predictor
         except ExportError as err:
             if asked_for != "auto":
                 raise
+            if chosen_because is not None and precision == "bf16":
+                # the automatic choice could not be built here: the float32 default path instead
+                if log is not None:
+                    log(f"note: {err}; predicting in float32 instead")
+                return load_predictor(checkpoint_file, threads=threads, device=device, precision="float32",
+                                      cache_root=cache_root, log=log)
             if log is not None:
                 log(f"note: {err}; predicting with eager torch instead")
     from resnetlab.engine.checkpoint import load_checkpoint, model_from_checkpoint

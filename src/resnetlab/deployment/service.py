@@ -297,7 +297,7 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(source: str | Path, *, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, backend: str = "auto",
-          precision: str = "float32", max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+          precision: str = "auto", max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
           max_files: int = DEFAULT_MAX_FILES, log: Callable[[str], None] = print) -> None:
     """Serve ``source`` (checkpoint, run directory or export folder) until interrupted."""
     import uvicorn

@@ -120,6 +120,45 @@ def _save_gradcam(model, runtime: Runtime, table: SampleTable, targets: torch.Te
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def deployment_check(checkpoint_file: Path, meta: dict, batches, reference, *,
+                     log: Callable[[str], None] = print) -> dict | None:
+    """When the default deployment path runs this model in bf16 on this machine (:mod:`resnetlab.deployment.policy`),
+    what that costs on ``batches``: the bf16 package (built into the export cache, where ``predict`` and ``serve``
+    will find it) evaluated beside ``reference``, the float32 evaluation of the same images. None when the default
+    path is float32, which is the evaluated model itself."""
+    from resnetlab.deployment.policy import choose_precision
+    from resnetlab.deployment.predictor import load_predictor
+    from resnetlab.engine.runtime import Runtime
+
+    choice = choose_precision(meta)
+    if choice.precision == "float32":
+        return None
+    predictor = load_predictor(checkpoint_file, log=log)
+    if predictor.backend.precision == "float32":  # the package could not be built here (said in the log)
+        return None
+    runtime = Runtime(device=torch.device("cpu"), precision="fp32", channels_last=False,
+                      threads=torch.get_num_threads(), reasons=["the deployment package"])
+    _, logits, targets = evaluate_loader(ExportedModel(predictor.backend), batches, runtime, collect=True)
+    probabilities = logits.softmax(dim=1)
+    float32_pred = torch.tensor([row["pred_index"] for row in reference.predictions])
+    float32_confidence = torch.tensor([row["confidence"] for row in reference.predictions])
+    top1 = float((logits.argmax(dim=1) == targets).float().mean())
+    report = {
+        "precision": choice.precision, "format": "aoti", "backend": predictor.backend.name,
+        "chosen_because": choice.reason, "package": str(predictor.artifact_dir), "images": len(targets),
+        "top1": round(top1, 6), "float32_top1": round(float(reference.metrics["top1"]), 6),
+        "top1_change": round(top1 - float(reference.metrics["top1"]), 6),
+        "top1_agreement": round(float((logits.argmax(dim=1) == float32_pred).float().mean()), 6),
+        # the confidence of the float32 answer, in the package's probabilities
+        "max_abs_confidence_change": round(float(
+            (probabilities.gather(1, float32_pred[:, None])[:, 0] - float32_confidence).abs().max()), 6),
+    }
+    log(f"deployment: predict and serve run this model in {choice.precision} here ({choice.reason}); on the "
+        f"{report['images']} test images it scores top-1 {report['top1']:.4f} against {report['float32_top1']:.4f} "
+        f"in float32, {report['top1_agreement']:.1%} of answers the same")
+    return report
+
+
 def map_classes_to_model(source: DatasetSource, model_ids: list, model_names: list[str]) -> np.ndarray:
     """For each class of ``source``, its index in the model's class list (matched by id, then by name), or -1."""
     by_id = {str(cid): i for i, cid in enumerate(model_ids)}

@@ -26,8 +26,8 @@ from resnetlab.engine.distributed import DistributedContext, init_distributed, w
 from resnetlab.engine.runtime import resolve_runtime, seed_everything
 from resnetlab.engine.trainer import Trainer
 from resnetlab.errors import ConfigError
-from resnetlab.jobs.evaluate import evaluate_model_on_batches
-from resnetlab.utils.io import atomic_write, write_json, write_text
+from resnetlab.jobs.evaluate import deployment_check, evaluate_model_on_batches
+from resnetlab.utils.io import atomic_write, read_json, write_json, write_text
 from resnetlab.utils.runlog import RunLog
 
 
@@ -202,6 +202,11 @@ def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, *, 
     _write_run_info(out, cfg, runtime, data, model, outcome, started, best["meta"].get("weights", "raw"), dist, origin)
     log(f"test top-1 {eval_result.metrics['top1']:.4f}, top-5 {eval_result.metrics['top5']:.4f}, balanced accuracy "
         f"{eval_result.metrics['balanced_accuracy']:.4f} on {eval_result.metrics['num_samples']} images")
+    if cfg.eval.deployment_check:
+        deployment = deployment_check(out / "checkpoints" / "best.pt", best["meta"], data.test, eval_result, log=log)
+        if deployment is not None:
+            write_json(out / "eval" / "metrics.json", {**read_json(out / "eval" / "metrics.json"),
+                                                       "deployment": deployment})
     if report:
         from resnetlab.reporting.report import render_report
 

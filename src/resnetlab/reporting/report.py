@@ -360,6 +360,14 @@ def _test_results(doc: Document, run: RunFiles) -> None:
                  if key in metrics]
     if described:
         doc.paragraph("Evaluated: " + ", ".join(described) + ".")
+    deployed = metrics.get("deployment")
+    if deployed:
+        doc.paragraph(f"Deployment: on the machine that trained it, `predict` and `serve` run this model as a "
+                      f"{deployed['precision']} AOTInductor package ({deployed['chosen_because']}). On these "
+                      f"{deployed['images']} test images it scores top-1 {deployed['top1']:.4f} against "
+                      f"{deployed['float32_top1']:.4f} in float32, with {deployed['top1_agreement']:.1%} of the answers "
+                      f"the same and confidences moved by at most {deployed['max_abs_confidence_change']:.3f}; "
+                      f"`--precision float32` serves the float32 model these results describe.")
     exported = metrics.get("evaluated_model")
     if exported:
         doc.paragraph(f"These figures are those of the {exported['precision']} {exported['format']} export "

@@ -1,0 +1,67 @@
+"""The precision the default deployment path runs a checkpoint in, on this machine.
+
+Measured on our 2-core Zen 5 CPU (``docs/benchmarks.md``): for ResNet-20 at 32 px (0.04 GMAC per image) ONNX Runtime
+in float32 answers one image in 0.3 ms, 2.7x faster than the bf16 AOTInductor package; for resnet50 at 224 px
+(4.1 GMAC) the bf16 package is the faster in latency and runs 1.7x the batch throughput of ONNX Runtime float32
+(5.8x plain eager float32), which no float32 path can reach: the float32 default ran at 91% of the CPU's float32
+peak. resnet18 at 224 px (1.8 GMAC) showed the same in ``shared/cpu-perf.md`` (compiled bf16 211 img/s against 132).
+
+So ``precision="auto"`` (the default of ``predict`` and ``serve``) picks bf16 for a model of at least
+:data:`BF16_MIN_GMACS` per image, where the convolutions dominate, on a CPU with bf16 matrix instructions and a C++
+compiler to build the package; float32 ONNX Runtime otherwise. What bf16 costs a model is measured, not assumed:
+the training run evaluates the package on its test split when this picks bf16 (``metrics.json["deployment"]``),
+and ``resnetlab evaluate RUN --export DIR`` does it for any export.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+# Below this, per-call overheads dominate and ONNX Runtime float32 is faster at batch 1 (ResNet-20: 0.04 GMAC);
+# above it bf16 has been faster in latency and throughput wherever measured (resnet18 and resnet50 at 224 px).
+BF16_MIN_GMACS = 1.0
+
+
+@dataclass
+class PrecisionChoice:
+    precision: str  # float32 | bf16
+    reason: str
+    gmacs: float  # multiply-accumulates per image, in billions
+
+
+def checkpoint_gmacs(meta: dict[str, Any]) -> float:
+    """Multiply-accumulates of one image through the checkpoint's model, in billions (counted on the meta device:
+    nothing is computed or allocated)."""
+    from resnetlab.models import count_macs, create_model
+
+    model_meta = meta["model"]
+    size = int(meta["preprocessing"]["input_size"])
+    with torch.device("meta"):
+        model = create_model(model_meta["name"], int(model_meta["num_classes"]), **(model_meta.get("kwargs") or {}))
+    return count_macs(model.eval(), (3, size, size)) / 1e9
+
+
+def cpp_compiler_available() -> bool:
+    return shutil.which("g++") is not None or shutil.which("c++") is not None
+
+
+def choose_precision(meta: dict[str, Any]) -> PrecisionChoice:
+    """float32 or bf16 for this checkpoint on this machine, with the reason in words."""
+    from resnetlab.deployment.export import native_bf16_cpu
+
+    gmacs = checkpoint_gmacs(meta)
+    size = f"{gmacs:.2f} GMAC per image"
+    if gmacs < BF16_MIN_GMACS:
+        return PrecisionChoice("float32", f"{size}: float32 ONNX Runtime is the fastest at this size", gmacs)
+    if not native_bf16_cpu():
+        return PrecisionChoice("float32", f"{size}, but this CPU has no bf16 matrix instructions", gmacs)
+    if not cpp_compiler_available():
+        return PrecisionChoice("float32", f"{size}, but there is no C++ compiler (g++) to build the bf16 package",
+                               gmacs)
+    return PrecisionChoice("bf16", f"{size} on a CPU with bf16 instructions: the bf16 package runs it faster than "
+                                   "any float32 path; --precision float32 gives the evaluation's exact confidences",
+                           gmacs)
