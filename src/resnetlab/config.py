@@ -167,9 +167,10 @@ class EvalConfig(_Section):
     tta: bool = False
     topk: int = Field(5, ge=1)
     gradcam: bool = True
-    # Validation and test evaluation in float32 by default, whatever precision trained the model: the default
-    # deployment path (ONNX Runtime, float32) then reports the very confidences that `evaluate` wrote. "train"
-    # evaluates under the training autocast instead: faster, with confidences that differ in the third decimal.
+    # Validation and test evaluation in float32 by default, whatever precision trained the model: the float32
+    # deployment path (ONNX Runtime, the default of `predict` and `serve` below 1 GMAC per image) then reports the
+    # very confidences that `evaluate` wrote. "train" evaluates under the training autocast instead: faster, with
+    # confidences that differ in the third decimal.
     precision: Literal["fp32", "train"] = "fp32"
     # When `predict` and `serve` would run the model in bf16 on this machine (large models on CPUs with bf16
     # instructions), also evaluate that bf16 package on the test split and report what it costs.

@@ -5,7 +5,7 @@ shared code), so two backends given the same tensor can be compared number for n
 
 =============  ===================================================================================================
 torch          the eager model rebuilt from a checkpoint; optionally bf16 autocast, channels_last, torch.compile
-onnxruntime    an ONNX export on ONNX Runtime's CPU provider (the default deployment path: about 6x faster than
+onnxruntime    an ONNX export on ONNX Runtime's CPU provider (the default path for small models: about 5x faster than
                eager float32 at batch 1 for ResNet-20 on our 2-core CPU, see docs/benchmarks.md)
 torchscript    a traced and frozen TorchScript export
 aoti           an AOTInductor package (``torch._inductor.aoti_compile_and_package``): the model compiled ahead of time

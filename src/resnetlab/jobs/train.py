@@ -129,7 +129,7 @@ def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, *, 
     log(f"resnetlab {resnetlab.__version__}, torch {torch.__version__}: {runtime.describe()}")
     eval_runtime = runtime.for_evaluation(cfg.eval.precision)
     if eval_runtime is not runtime:
-        log("validation and test in float32 (eval.precision=fp32), the precision of the default deployment path")
+        log("validation and test in float32 (eval.precision=fp32), as predict and serve run models below 1 GMAC")
     if dist.enabled:
         log(f"distributed: {dist.world_size} processes ({torch.distributed.get_backend()}), global batch "
             f"{cfg.data.batch_size} = {dist.world_size} x {data_cfg.data.batch_size} per process"
