@@ -62,6 +62,5 @@ def choose_precision(meta: dict[str, Any]) -> PrecisionChoice:
     if not cpp_compiler_available():
         return PrecisionChoice("float32", f"{size}, but there is no C++ compiler (g++) to build the bf16 package",
                                gmacs)
-    return PrecisionChoice("bf16", f"{size} on a CPU with bf16 instructions: the bf16 package runs it faster than "
-                                   "any float32 path; --precision float32 gives the evaluation's exact confidences",
-                           gmacs)
+    return PrecisionChoice("bf16", f"{size} on a CPU with bf16 instructions, where the bf16 package is faster than "
+                                   "any float32 path", gmacs)

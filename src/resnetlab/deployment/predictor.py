@@ -310,7 +310,8 @@ def load_predictor(source: str | Path, *, backend: str = "auto", threads: int | 
             choice = choose_precision(load_checkpoint(checkpoint_file)["meta"])
             precision, chosen_because = choice.precision, choice.reason
             if log is not None and precision != "float32":
-                log(f"precision {precision} (auto): {choice.reason}")
+                log(f"precision {precision} (auto): {choice.reason}; --precision float32 gives the evaluation's "
+                    "exact confidences")
     asked_for = backend
     if backend == "auto":
         backend = "aoti" if precision == "bf16" else ("onnxruntime" if onnxruntime_available() else "torch")
