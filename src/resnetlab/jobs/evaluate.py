@@ -131,7 +131,7 @@ def deployment_check(checkpoint_file: Path, meta: dict, batches, reference, *,
     from resnetlab.engine.runtime import Runtime
 
     choice = choose_precision(meta)
-    if choice.precision == "float32":
+    if choice.precision == "float32" or not reference.predictions:
         return None
     predictor = load_predictor(checkpoint_file, log=log)
     if predictor.backend.precision == "float32":  # the package could not be built here (said in the log)
