@@ -214,9 +214,10 @@ def export_aotinductor(model: nn.Module, path: Path, input_size: int, *, precisi
 def cpu_vector_isa() -> str | None:
     """The CPU vector instruction set inductor compiles for here (``avx512``, ``avx2``...), None if unknown."""
     try:
-        from torch._inductor.cpu_vec_isa import pick_vec_isa
+        with quiet_cpp_builder():
+            from torch._inductor.cpu_vec_isa import pick_vec_isa
 
-        return str(pick_vec_isa()) or None
+            return str(pick_vec_isa()) or None
     except Exception:  # a private helper: its absence must not stop an export
         return None
 

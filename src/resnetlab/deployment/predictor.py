@@ -234,6 +234,10 @@ def export_cache_dir(checkpoint_file: Path, cache_root: Path | None = None, *, f
     key = f"{file_sha256(checkpoint_file)}-{resnetlab.__version__}-{torch.__version__}-opset{DEFAULT_OPSET}"
     if (fmt, precision) != ("onnx", "float32"):
         key += f"-{fmt}-{precision}"
+    if fmt == "aoti":  # compiled code for one instruction set: a cache shared by other CPUs keeps one entry each
+        from resnetlab.deployment.export import cpu_vector_isa
+
+        key += f"-{cpu_vector_isa()}"
     return (cache_root or default_cache_root()) / "exports" / hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
