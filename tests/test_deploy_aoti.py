@@ -1,8 +1,9 @@
 """bf16 AOTInductor packages: the fast deployment path for large models, with parity between its checkpoint, export
 and service, and errors that say which combination to use instead.
 
-Each AOTInductor compilation of the tiny ResNet-20 takes about 15 s here, so this module compiles twice: once through
-`resnetlab export`, once through the prediction cache (which is what proves that two builds answer alike).
+Each AOTInductor compilation of the tiny ResNet-20 takes about 15 s here, so this module compiles three times: once
+through `resnetlab export`, once through the prediction cache (which is what proves that two builds answer alike),
+and once in a training run whose default path is made bf16.
 """
 
 from __future__ import annotations
