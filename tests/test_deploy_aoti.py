@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 
 from resnetlab.cli.main import main
 from resnetlab.deployment.export import PARITY_ATOL_BF16, export_checkpoint
+from resnetlab.deployment.policy import cpp_compiler_available
 from resnetlab.deployment.predictor import export_cache_dir, load_predictor
 from resnetlab.deployment.records import RECORD_FILE
 from resnetlab.errors import CheckpointError, ResnetlabError
@@ -26,7 +27,7 @@ from tests.test_deploy_export import tiny_checkpoint  # noqa: F401  (the shared 
 SAME_COMPUTATION = 1e-6
 # AOTInductor compiles C++ (inductor's default compiler is g++); without one the export fails with a clear message,
 # which the fallback test below checks, and the tests that build a package have nothing to test.
-needs_compiler = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+needs_compiler = pytest.mark.skipif(not cpp_compiler_available(),
                                     reason="AOTInductor needs a C++ compiler (g++), and there is none on this machine")
 
 
@@ -208,17 +209,18 @@ def _meta(name: str, size: int) -> dict:
 
 
 def test_the_default_precision_follows_the_models_size(monkeypatch):
-    from resnetlab.deployment import export, policy
+    from resnetlab.deployment import policy
+    from resnetlab.engine import runtime
 
     monkeypatch.setattr(policy, "cpp_compiler_available", lambda: True)
-    monkeypatch.setattr(export, "native_bf16_cpu", lambda: True)
+    monkeypatch.setattr(runtime, "native_bf16_cpu", lambda: True)
     small, large = policy.choose_precision(_meta("resnet20", 32)), policy.choose_precision(_meta("resnet50", 224))
     assert small.precision == "float32" and small.gmacs == pytest.approx(0.0406, abs=1e-3)
     assert large.precision == "bf16" and large.gmacs == pytest.approx(4.09, abs=0.01)  # torchvision's 4.09 GFLOPS
     assert policy.choose_precision(_meta("resnet50", 64)).precision == "float32"  # 0.33 GMAC
-    monkeypatch.setattr(export, "native_bf16_cpu", lambda: False)
+    monkeypatch.setattr(runtime, "native_bf16_cpu", lambda: False)
     assert "no bf16 matrix instructions" in policy.choose_precision(_meta("resnet50", 224)).reason
-    monkeypatch.setattr(export, "native_bf16_cpu", lambda: True)
+    monkeypatch.setattr(runtime, "native_bf16_cpu", lambda: True)
     monkeypatch.setattr(policy, "cpp_compiler_available", lambda: False)
     assert "no C++ compiler" in policy.choose_precision(_meta("resnet50", 224)).reason
 
@@ -229,9 +231,10 @@ def test_a_run_whose_default_path_is_bf16_reports_what_bf16_costs(tiny_signs, tm
     test split, reports it, and `predict` then runs that very package from the cache."""
     import csv
 
-    from resnetlab.deployment import export, policy
+    from resnetlab.deployment import policy
+    from resnetlab.engine.runtime import native_bf16_cpu
 
-    if not export.native_bf16_cpu():
+    if not native_bf16_cpu():
         pytest.skip("this CPU has no bf16 instructions, so the default path is float32 for every model")
     monkeypatch.setattr(policy, "BF16_MIN_GMACS", 0.0)
     run = tmp_path / "run"

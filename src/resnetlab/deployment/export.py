@@ -51,6 +51,7 @@ from resnetlab.deployment.records import (
     file_sha256,
     record_from_meta,
 )
+from resnetlab.engine.runtime import native_bf16_cpu
 from resnetlab.errors import ResnetlabError
 from resnetlab.utils.io import write_json
 
@@ -220,12 +221,6 @@ def cpu_vector_isa() -> str | None:
             return str(pick_vec_isa()) or None
     except Exception:  # a private helper: its absence must not stop an export
         return None
-
-
-def native_bf16_cpu() -> bool:
-    """Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX); without them bf16 is emulated, slowly."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, fmt: str = "onnx", dynamic_batch: bool = False,

@@ -51,7 +51,7 @@ def cpp_compiler_available() -> bool:
 
 def choose_precision(meta: dict[str, Any]) -> PrecisionChoice:
     """float32 or bf16 for this checkpoint on this machine, with the reason in words."""
-    from resnetlab.deployment.export import native_bf16_cpu
+    from resnetlab.engine.runtime import native_bf16_cpu
 
     gmacs = checkpoint_gmacs(meta)
     size = f"{gmacs:.2f} GMAC per image"

@@ -58,6 +58,16 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
+def native_bf16_cpu() -> bool:
+    """Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX); without them bf16 is emulated, slowly.
+
+    Stricter than :func:`cpu_supports_bf16` (oneDNN's own check, which the training runtime uses): the deployment
+    policy only chooses bf16 where it is fast.
+    """
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def resolve_runtime(cfg: TrainConfig, *, local_rank: int | None = None) -> Runtime:
     reasons = []
     if cfg.device == "cuda" and not torch.cuda.is_available():

@@ -13,7 +13,6 @@ the accuracy of what is deployed, measured on the whole split rather than on the
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +43,13 @@ class ExportedModel(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backend.run(x.float().contiguous())
+
+
+def export_runtime() -> Runtime:
+    """What the evaluation loop does around an export: normalized float32 NCHW batches on the CPU, no autocast (the
+    export runs in its own precision)."""
+    return Runtime(device=torch.device("cpu"), precision="fp32", channels_last=False,
+                   threads=torch.get_num_threads(), reasons=["an export runs in its own runtime"])
 
 
 def load_export_of(checkpoint_file: Path, export_dir: Path):
@@ -128,7 +134,6 @@ def deployment_check(checkpoint_file: Path, meta: dict, batches, reference, *,
     path is float32, which is the evaluated model itself."""
     from resnetlab.deployment.policy import choose_precision
     from resnetlab.deployment.predictor import load_predictor
-    from resnetlab.engine.runtime import Runtime
 
     choice = choose_precision(meta)
     if choice.precision == "float32" or not reference.predictions:
@@ -136,9 +141,7 @@ def deployment_check(checkpoint_file: Path, meta: dict, batches, reference, *,
     predictor = load_predictor(checkpoint_file, log=log)
     if predictor.backend.precision == "float32":  # the package could not be built here (said in the log)
         return None
-    runtime = Runtime(device=torch.device("cpu"), precision="fp32", channels_last=False,
-                      threads=torch.get_num_threads(), reasons=["the deployment package"])
-    _, logits, targets = evaluate_loader(ExportedModel(predictor.backend), batches, runtime, collect=True)
+    _, logits, targets = evaluate_loader(ExportedModel(predictor.backend), batches, export_runtime(), collect=True)
     probabilities = logits.softmax(dim=1)
     float32_pred = torch.tensor([row["pred_index"] for row in reference.predictions])
     float32_confidence = torch.tensor([row["confidence"] for row in reference.predictions])
@@ -262,9 +265,7 @@ def evaluate_job(checkpoint: Path, data_spec: str | None, split: str, out_dir: P
                      "backend": predictor.backend.name}
         log(f"evaluating the {artifact['precision']} {artifact['format']} export {export_dir} on "
             f"{predictor.backend.name}, not the checkpoint (no Grad-CAM: it needs the torch model)")
-        # the export takes normalized float32 NCHW batches on the CPU and runs in its own precision
-        model, gradcam = ExportedModel(predictor.backend), False
-        runtime = replace(runtime, device=torch.device("cpu"), precision="fp32", channels_last=False)
+        model, gradcam, runtime = ExportedModel(predictor.backend), False, export_runtime()
     model = model.to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
