@@ -210,7 +210,7 @@ def _meta(name: str, size: int) -> dict:
 
 def test_the_default_precision_follows_the_models_size(monkeypatch):
     from resnetlab.deployment import policy
-    from resnetlab.engine import runtime
+    from resnetlab import hardware as runtime
 
     monkeypatch.setattr(policy, "cpp_compiler_available", lambda: True)
     monkeypatch.setattr(runtime, "native_bf16_cpu", lambda: True)
@@ -232,7 +232,7 @@ def test_a_run_whose_default_path_is_bf16_reports_what_bf16_costs(tiny_signs, tm
     import csv
 
     from resnetlab.deployment import policy
-    from resnetlab.engine.runtime import native_bf16_cpu
+    from resnetlab.hardware import native_bf16_cpu
 
     if not native_bf16_cpu():
         pytest.skip("this CPU has no bf16 instructions, so the default path is float32 for every model")

@@ -51,8 +51,8 @@ from resnetlab.deployment.records import (
     file_sha256,
     record_from_meta,
 )
-from resnetlab.engine.runtime import native_bf16_cpu
 from resnetlab.errors import ResnetlabError
+from resnetlab.hardware import native_bf16_cpu
 from resnetlab.utils.io import write_json
 
 DEFAULT_OPSET = 18  # the dynamo exporter's native opset (torch 2.14); lower ones go through onnx's version converter

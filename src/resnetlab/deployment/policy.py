@@ -15,11 +15,13 @@ and ``resnetlab evaluate RUN --export DIR`` does it for any export.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from resnetlab import hardware
+from resnetlab.hardware import cpp_compiler_available
 
 # Below this, per-call overheads dominate and ONNX Runtime float32 is faster at batch 1 (ResNet-20: 0.04 GMAC);
 # above it bf16 has been faster in latency and throughput wherever measured (resnet18 and resnet50 at 224 px).
@@ -45,19 +47,13 @@ def checkpoint_gmacs(meta: dict[str, Any]) -> float:
     return count_macs(model.eval(), (3, size, size)) / 1e9
 
 
-def cpp_compiler_available() -> bool:
-    return shutil.which("g++") is not None or shutil.which("c++") is not None
-
-
 def choose_precision(meta: dict[str, Any]) -> PrecisionChoice:
     """float32 or bf16 for this checkpoint on this machine, with the reason in words."""
-    from resnetlab.engine.runtime import native_bf16_cpu
-
     gmacs = checkpoint_gmacs(meta)
     size = f"{gmacs:.2f} GMAC per image"
     if gmacs < BF16_MIN_GMACS:
         return PrecisionChoice("float32", f"{size}: float32 ONNX Runtime is the fastest at this size", gmacs)
-    if not native_bf16_cpu():
+    if not hardware.native_bf16_cpu():
         return PrecisionChoice("float32", f"{size}, but this CPU has no bf16 matrix instructions", gmacs)
     if not cpp_compiler_available():
         return PrecisionChoice("float32", f"{size}, but there is no C++ compiler (g++) to build the bf16 package",

@@ -17,6 +17,7 @@ import torch
 
 from resnetlab.config import TrainConfig
 from resnetlab.errors import ConfigError
+from resnetlab.hardware import cpu_supports_bf16
 
 
 @dataclass
@@ -49,23 +50,6 @@ class Runtime:
     def describe(self) -> str:
         return (f"device {self.device}, precision {self.precision}, channels_last {self.channels_last}, "
                 f"{self.threads} thread(s) ({'; '.join(self.reasons)})")
-
-
-def cpu_supports_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def native_bf16_cpu() -> bool:
-    """Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX); without them bf16 is emulated, slowly.
-
-    Stricter than :func:`cpu_supports_bf16` (oneDNN's own check, which the training runtime uses): the deployment
-    policy only chooses bf16 where it is fast.
-    """
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def resolve_runtime(cfg: TrainConfig, *, local_rank: int | None = None) -> Runtime:
