@@ -11,4 +11,4 @@ from pathlib import Path
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("RESNETLAB_CACHE_DIR", Path.home() / ".cache" / "resnetlab"))
+    return Path(os.environ.get("RESNETLAB_CACHE_DIR") or Path.home() / ".cache" / "resnetlab").expanduser()

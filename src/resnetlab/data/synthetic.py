@@ -45,6 +45,7 @@ import numpy as np
 import PIL
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from resnetlab.data.cache import cache_root
 from resnetlab.data.gtsrb_classes import GTSRB_CLASS_NAMES
 from resnetlab.errors import ConfigError, DataError
 
@@ -103,7 +104,7 @@ def default_synthetic_dir(per_class: int, seed: int, test_per_class: int | None 
 
     ``test_per_class`` only changes the name when it differs from its default (``per_class // 3``).
     """
-    root = Path(os.environ.get("RESNETLAB_CACHE_DIR") or Path.home() / ".cache" / "resnetlab").expanduser()
+    root = cache_root()
     name = f"synthetic-signs-v{GENERATOR_VERSION}-n{per_class}-s{seed}"
     if test_per_class is not None and test_per_class != per_class // 3:
         name += f"-t{test_per_class}"
