@@ -54,7 +54,7 @@ def test_run_directory_contract(tiny_run):
 
 
 def test_checkpoint_loads_with_weights_only_and_rebuilds_the_model(tiny_run):
-    from resnetlab.engine.checkpoint import model_from_checkpoint
+    from resnetlab.checkpoint import model_from_checkpoint
 
     state = torch.load(tiny_run / "checkpoints" / "best.pt", weights_only=True)
     meta = state["meta"]

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from resnetlab.checkpoint import load_checkpoint
 from resnetlab.cli.main import main
-from resnetlab.engine.checkpoint import load_checkpoint
 
 
 def base_args(tiny_signs: Path, out: Path, epochs: int) -> list[str]:

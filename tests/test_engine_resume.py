@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from resnetlab.checkpoint import load_checkpoint
 from resnetlab.cli.main import main
-from resnetlab.engine.checkpoint import load_checkpoint
 
 TIME_COLUMNS = {"epoch_seconds", "images_per_second"}
 EPOCHS = 4

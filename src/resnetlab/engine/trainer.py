@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
+from resnetlab.checkpoint import build_meta, load_checkpoint, save_checkpoint
 from resnetlab.config import LossConfig, RunConfig
 from resnetlab.data.augment import build_mixing
 from resnetlab.data.build import RunData
-from resnetlab.engine.checkpoint import build_meta, load_checkpoint, save_checkpoint
 from resnetlab.engine.distributed import DistributedContext
 from resnetlab.engine.optim import GradientPerturbation, create_optimizer, frozen_norm_statistics, wrap_optimizer
 from resnetlab.engine.runtime import Runtime, rng_state, set_rng_state

@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 
 import resnetlab
+from resnetlab.checkpoint import load_checkpoint
 from resnetlab.config import RunConfig
 from resnetlab.data.build import RunData, build_run_data, eval_batches_for_table
 from resnetlab.data.datasets import open_dataset
 from resnetlab.data.records import DatasetSource
 from resnetlab.data.splits import SplitPlan
 from resnetlab.data.splits import write_split_manifest
-from resnetlab.engine.checkpoint import load_checkpoint
 from resnetlab.engine.distributed import DistributedContext, init_distributed, wrap_model
 from resnetlab.engine.runtime import resolve_runtime, seed_everything
 from resnetlab.engine.trainer import Trainer
