@@ -18,7 +18,8 @@ from fastapi.testclient import TestClient
 from resnetlab.cli.main import main
 from resnetlab.deployment.export import PARITY_ATOL_BF16, export_checkpoint
 from resnetlab.deployment.policy import cpp_compiler_available
-from resnetlab.deployment.predictor import export_cache_dir, load_predictor
+from resnetlab.deployment.export_cache import export_cache_dir
+from resnetlab.deployment.predictor import load_predictor
 from resnetlab.deployment.records import RECORD_FILE
 from resnetlab.errors import CheckpointError, ResnetlabError
 from tests.test_deploy_export import tiny_checkpoint  # noqa: F401  (the shared trained model)

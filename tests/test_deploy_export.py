@@ -14,7 +14,8 @@ from PIL import Image
 
 from resnetlab.cli.main import main
 from resnetlab.deployment.export import ExportError, export_checkpoint
-from resnetlab.deployment.predictor import export_cache_dir, load_predictor
+from resnetlab.deployment.export_cache import export_cache_dir
+from resnetlab.deployment.predictor import load_predictor
 from resnetlab.deployment.records import RECORD_FILE, read_export_record
 from resnetlab.errors import CheckpointError
 

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resnetlab.deployment.predictor import cached_export, load_predictor
+from resnetlab.deployment.export_cache import cached_export
+from resnetlab.deployment.predictor import load_predictor
 from tests.test_deploy_export import tiny_checkpoint  # noqa: F401  (the shared trained model)
 
 with warnings.catch_warnings():

@@ -21,6 +21,7 @@ from resnetlab.errors import CheckpointError
 from resnetlab.utils.io import torch_save
 
 FORMAT_VERSION = 1
+NOT_A_RUN_DIRECTORY = "'{path}' is a folder without checkpoints/best.pt; pass a .pt checkpoint file"
 
 
 def build_meta(*, model_name: str, model_kwargs: dict, class_ids: list, class_names: list[str], prep: Preprocessing,
@@ -47,15 +48,25 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     torch_save(state, path)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def resolve_checkpoint_file(path: str | Path, *, folder_error: str = NOT_A_RUN_DIRECTORY) -> Path:
+    """A checkpoint file, or a run directory's checkpoints/best.pt.
+
+    ``folder_error`` is the message (``{path}`` filled in) for a folder without a best checkpoint: callers that also
+    take other folders (an export) say so there.
+    """
     path = Path(path)
     if path.is_dir():
         candidate = path / "checkpoints" / "best.pt"
         if not candidate.is_file():
-            raise CheckpointError(f"'{path}' is a folder without checkpoints/best.pt; pass a .pt checkpoint file")
-        path = candidate
+            raise CheckpointError(folder_error.format(path=path))
+        return candidate
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist")
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = resolve_checkpoint_file(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError) as err:

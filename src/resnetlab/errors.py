@@ -21,3 +21,13 @@ class DataError(ResnetlabError):
 
 class CheckpointError(ResnetlabError):
     """A checkpoint that is missing, unreadable or does not match what it is used for."""
+
+
+class ExportError(ResnetlabError):
+    """An export that could not be made or failed its parity check."""
+
+
+def first_line(err: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (its type's name when it has none), for a one-line error."""
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:limit]

@@ -163,7 +163,8 @@ def predict(
     precision: Annotated[str, typer.Option("--precision", help=PRECISION_HELP)] = "auto",
 ) -> None:
     """Predict the classes of images, with confidences. Exit code 1 if any file could not be read."""
-    from resnetlab.deployment.predictor import BACKEND_CHOICES, expand_inputs, load_predictor
+    from resnetlab.cli.inputs import expand_inputs
+    from resnetlab.deployment.predictor import BACKEND_CHOICES, load_predictor
     from resnetlab.cli.render import print_predictions
 
     if output_format not in ("table", "csv", "json"):

@@ -32,6 +32,28 @@ def open_dataset(cfg: DataConfig) -> DatasetSource:
     return source
 
 
+def map_classes_to_model(source: DatasetSource, model_ids: list, model_names: list[str]) -> np.ndarray:
+    """For each class of ``source``, its index in the model's class list (matched by id, then by name), or -1."""
+    by_id = {str(cid): i for i, cid in enumerate(model_ids)}
+    by_name = {name.lower(): i for i, name in enumerate(model_names)}
+    mapping = []
+    for cid, name in zip(source.class_ids, source.class_names):
+        mapping.append(by_id.get(str(cid), by_name.get(str(name).lower(), -1)))
+    return np.asarray(mapping, dtype=np.int64)
+
+
+def open_dataset_for_model(data_cfg: DataConfig, meta: dict) -> tuple[DatasetSource, np.ndarray]:
+    """Read a dataset for a trained model: the source, and each of its classes' index in the model (or -1)."""
+    try:
+        source = open_dataset(data_cfg)
+    except DataError:
+        if not data_cfg.classes:
+            raise
+        # A foreign set may lack some of the classes the run kept: read all of its classes and map them instead.
+        source = open_dataset(DataConfig.model_validate({**data_cfg.model_dump(), "classes": None}))
+    return source, map_classes_to_model(source, meta["classes"]["ids"], meta["classes"]["names"])
+
+
 def check_rejected(source: DatasetSource, policy: str) -> None:
     """Stop on rows or files the reader could not use, unless ``data.on_bad_image=skip`` (then they are logged)."""
     rejected = source.all_rejected()

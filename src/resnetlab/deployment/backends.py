@@ -204,6 +204,15 @@ def onnxruntime_available() -> bool:
     return True
 
 
+def preferred_batch(input_size: int) -> int:
+    """Images per backend call: about 8 at 224 px, more for smaller inputs.
+
+    On our CPUs float32 ResNets at 224 px run faster in batches of about 8 than 32 (activations of larger batches
+    overflow the caches, ``shared/cpu-perf.md``); at 32 px a batch of 8 * 49 images has the same activation size.
+    """
+    return max(1, min(256, (8 * 224 * 224) // (input_size * input_size)))
+
+
 def default_threads(workers: int = 1) -> int:
     """Threads per process when ``workers`` processes share this machine's cores (no oversubscription)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -99,7 +99,7 @@ def _build(spec: dict[str, Any]):
     from resnetlab.deployment.export import export_checkpoint
     from resnetlab.deployment.predictor import Predictor, load_predictor
     from resnetlab.deployment.records import record_from_meta
-    from resnetlab.engine.checkpoint import load_checkpoint, model_from_checkpoint
+    from resnetlab.checkpoint import load_checkpoint, model_from_checkpoint
 
     name, checkpoint, threads = spec["name"], spec["checkpoint"], spec["threads"]
     plain = {"micro_batch": spec["batch_size"], "source": checkpoint}  # the baselines run a batch in one call
@@ -230,9 +230,9 @@ def bench_infer(checkpoint: str | Path, *, variants: tuple[str, ...] | list[str]
                 calibration_data: str | None = None, min_round_seconds: float = 0.5,
                 log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure the variants of one checkpoint side by side; see the module docstring. Returns a JSON-able dict."""
+    from resnetlab.checkpoint import load_checkpoint
     from resnetlab.deployment.backends import default_threads
-    from resnetlab.deployment.predictor import resolve_checkpoint_file
-    from resnetlab.engine.checkpoint import load_checkpoint
+    from resnetlab.deployment.records import checkpoint_file_of
 
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -240,7 +240,7 @@ def bench_infer(checkpoint: str | Path, *, variants: tuple[str, ...] | list[str]
     if batch_size < 1 or latency_calls < 1 or rounds < 1:
         raise ResnetlabError("--batch-size, --latency-calls and --rounds must be at least 1")
     threads = threads or default_threads()
-    checkpoint_file = resolve_checkpoint_file(checkpoint)
+    checkpoint_file = checkpoint_file_of(checkpoint)
     meta = load_checkpoint(checkpoint_file)["meta"]  # checks the file before any worker starts
     size = meta["preprocessing"]["input_size"]
     environment = _environment(threads)

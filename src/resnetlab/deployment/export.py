@@ -48,10 +48,11 @@ from resnetlab.deployment.records import (
     MODEL_FILES,
     OUTPUT_NAME,
     RECORD_FILE,
+    checkpoint_file_of,
     file_sha256,
     record_from_meta,
 )
-from resnetlab.errors import ResnetlabError
+from resnetlab.errors import ExportError, first_line
 from resnetlab.hardware import native_bf16_cpu
 from resnetlab.utils.io import write_json
 
@@ -66,10 +67,6 @@ DEFAULT_PARITY_BATCH = 8
 MAX_DYNAMIC_BATCH = 4096
 FORMATS = ("onnx", "torchscript", "aoti")
 EXPORT_PRECISIONS = ("float32", "bf16")
-
-
-class ExportError(ResnetlabError):
-    """An export that could not be made or failed its parity check."""
 
 
 @dataclass
@@ -124,8 +121,7 @@ def compare_backends(reference: InferenceBackend, candidate: InferenceBackend, x
 
 
 def _one_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return (text.splitlines()[0] if text else type(err).__name__)[:300]
+    return first_line(err, 300)
 
 
 def export_onnx(model: nn.Module, path: Path, input_size: int, *, dynamic_batch: bool, opset: int) -> int:
@@ -232,8 +228,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, fmt: str =
     ``precision="bf16"`` needs ``fmt="aoti"``. ``measure_accuracy=False`` skips a bf16 package's accuracy check on
     real images (the parity check always runs).
     """
-    from resnetlab.deployment.predictor import resolve_checkpoint_file
-    from resnetlab.engine.checkpoint import load_checkpoint, model_from_checkpoint, preprocessing_from_meta
+    from resnetlab.checkpoint import load_checkpoint, model_from_checkpoint, preprocessing_from_meta
 
     if fmt not in FORMATS:
         raise ExportError(f"--format '{fmt}': choose one of {', '.join(FORMATS)}")
@@ -250,7 +245,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, fmt: str =
         raise ExportError("--quantize int8 works on ONNX exports (through ONNX Runtime); use --format onnx")
     if parity_batch < 2:
         raise ExportError(f"--parity-batch {parity_batch}: use 2 or more (batch 1 is always checked)")
-    checkpoint_file = resolve_checkpoint_file(checkpoint)
+    checkpoint_file = checkpoint_file_of(checkpoint)
     model, meta = model_from_checkpoint(load_checkpoint(checkpoint_file))
     prep = preprocessing_from_meta(meta)
     record = record_from_meta(meta, checkpoint_sha256=file_sha256(checkpoint_file))

@@ -17,8 +17,6 @@ to float32, ONNX Runtime to eager torch) and says so. ``precision="float32"`` or
 from __future__ import annotations
 
 import contextlib
-import glob
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +24,6 @@ from typing import Any
 
 import torch
 
-import resnetlab
-from resnetlab.data.formats.common import IMAGE_EXTENSIONS, list_images
 from resnetlab.data.preprocessing import Preprocessing, normalize, pil_to_uint8, prepare_image, resize_to_input
 from resnetlab.deployment.backends import (
     AotInductorBackend,
@@ -36,15 +32,22 @@ from resnetlab.deployment.backends import (
     TorchBackend,
     TorchScriptBackend,
     onnxruntime_available,
+    preferred_batch,
 )
-from resnetlab.deployment.records import file_sha256, is_export_dir, read_export_record, record_from_meta
-from resnetlab.errors import CheckpointError, DataError
+from resnetlab.deployment.export_cache import cached_export
+from resnetlab.deployment.records import (
+    checkpoint_file_of,
+    file_sha256,
+    is_export_dir,
+    read_export_record,
+    record_from_meta,
+)
+from resnetlab.errors import CheckpointError, DataError, ExportError
 
 BACKEND_CHOICES = ("auto", "torch", "onnxruntime", "torchscript", "aoti")
 PRECISIONS = ("auto", "float32", "bf16")
 EXPORT_RUNTIMES = {"onnx": "onnxruntime", "torchscript": "torchscript", "aoti": "aoti"}  # export format -> backend
 RUNTIME_FORMATS = {runtime: fmt for fmt, runtime in EXPORT_RUNTIMES.items()}
-FORMAT_NAMES = {"onnx": "ONNX", "torchscript": "TorchScript", "aoti": "an AOTInductor package"}
 FORMAT_ARTICLES = {"onnx": "an ONNX", "torchscript": "a TorchScript", "aoti": "an AOTInductor"}
 
 
@@ -76,30 +79,6 @@ def torch_threads(count: int):
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def expand_inputs(inputs: list[str]) -> list[str]:
-    """Files, folders (every image below them) and glob patterns -> a list of paths, in the order given."""
-    paths: list[str] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            paths += [str(p) for p in list_images(path)[0]]
-        elif any(ch in item for ch in "*?["):
-            matches = sorted(glob.glob(item, recursive=True))
-            paths += [m for m in matches if Path(m).suffix.lower() in IMAGE_EXTENSIONS]
-        else:
-            paths.append(item)  # a missing file is reported per file, not here
-    return paths
-
-
-def preferred_batch(input_size: int) -> int:
-    """Images per backend call: about 8 at 224 px, more for smaller inputs.
-
-    On our CPUs float32 ResNets at 224 px run faster in batches of about 8 than 32 (activations of larger batches
-    overflow the caches, ``shared/cpu-perf.md``); at 32 px a batch of 8 * 49 images has the same activation size.
-    """
-    return max(1, min(256, (8 * 224 * 224) // (input_size * input_size)))
 
 
 class Predictor:
@@ -210,62 +189,6 @@ class Predictor:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def resolve_checkpoint_file(path: str | Path) -> Path:
-    """A checkpoint file, or a run directory's checkpoints/best.pt."""
-    path = Path(path)
-    if path.is_dir():
-        candidate = path / "checkpoints" / "best.pt"
-        if not candidate.is_file():
-            raise CheckpointError(f"'{path}' is neither an export folder (no preprocessing.json) nor a run directory "
-                                  "(no checkpoints/best.pt); pass a checkpoint, a run directory or an export folder")
-        return candidate
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint '{path}' does not exist")
-    return path
-
-
-def export_cache_dir(checkpoint_file: Path, cache_root: Path | None = None, *, fmt: str = "onnx",
-                     precision: str = "float32") -> Path:
-    """Where an on-the-fly export of a checkpoint lives: keyed by the file's hash, the exporting versions, the
-    format and the precision."""
-    from resnetlab.data.pipeline import cache_root as default_cache_root
-    from resnetlab.deployment.export import DEFAULT_OPSET
-
-    key = f"{file_sha256(checkpoint_file)}-{resnetlab.__version__}-{torch.__version__}-opset{DEFAULT_OPSET}"
-    if (fmt, precision) != ("onnx", "float32"):
-        key += f"-{fmt}-{precision}"
-    if fmt == "aoti":  # compiled code for one instruction set: a cache shared by other CPUs keeps one entry each
-        from resnetlab.deployment.export import cpu_vector_isa
-
-        key += f"-{cpu_vector_isa()}"
-    return (cache_root or default_cache_root()) / "exports" / hashlib.sha256(key.encode()).hexdigest()[:24]
-
-
-def cached_export(checkpoint: str | Path, *, fmt: str = "onnx", precision: str = "float32",
-                  cache_root: Path | None = None, log: Callable[[str], None] | None = None) -> Path:
-    """The checkpoint's parity-checked export (any batch size), made on first use; its folder."""
-    from resnetlab.deployment.export import export_checkpoint
-
-    checkpoint_file = resolve_checkpoint_file(checkpoint)
-    folder = export_cache_dir(checkpoint_file, cache_root, fmt=fmt, precision=precision)
-    if is_export_dir(folder):
-        try:
-            read_export_record(folder)
-            return folder
-        except CheckpointError:
-            pass  # a damaged cache entry: export again over it
-    if log is not None and fmt == "aoti":
-        log(f"compiling {checkpoint_file} ahead of time ({precision}); once, then cached")
-    # The accuracy check on real images belongs to `resnetlab export`; a prediction should not wait for it.
-    result = export_checkpoint(checkpoint_file, folder, fmt=fmt, dynamic_batch=True, precision=precision,
-                               measure_accuracy=False, log=lambda message: None)
-    if log is not None:
-        worst = max(p.max_abs_probabilities for p in result.parity)
-        log(f"exported {checkpoint_file} to {FORMAT_NAMES[fmt]} ({precision}, cached in {folder}; parity with the "
-            f"eager float32 model: max |probability difference| {worst:.2e})")
-    return folder
-
-
 def load_predictor(source: str | Path, *, backend: str = "auto", threads: int | None = None, device: str = "cpu",
                    precision: str = "auto", cache_root: Path | None = None,
                    log: Callable[[str], None] | None = None) -> Predictor:
@@ -283,8 +206,6 @@ def load_predictor(source: str | Path, *, backend: str = "auto", threads: int | 
         hundredths on uncertain images (measured on gtsrb-dev and imagenette-dev). An export runs in the precision
         it was made in.
     """
-    from resnetlab.deployment.export import ExportError
-
     if backend not in BACKEND_CHOICES:
         raise CheckpointError(f"--backend '{backend}': choose one of {', '.join(BACKEND_CHOICES)}")
     if precision not in PRECISIONS:
@@ -297,7 +218,7 @@ def load_predictor(source: str | Path, *, backend: str = "auto", threads: int | 
                                   f"made in; for {precision} pass the checkpoint, or export it again with "
                                   f"{'--format aoti --precision bf16' if precision == 'bf16' else '--format onnx'}")
         return _load_export(path, backend, threads)
-    checkpoint_file = resolve_checkpoint_file(path)
+    checkpoint_file = checkpoint_file_of(path)
     if backend == "torchscript":
         raise CheckpointError(f"--backend torchscript runs a TorchScript export; make one with `resnetlab export "
                               f"{source} --format torchscript --out DIR` and pass DIR")
@@ -309,7 +230,7 @@ def load_predictor(source: str | Path, *, backend: str = "auto", threads: int | 
         precision = "float32"
         if backend == "auto":
             from resnetlab.deployment.policy import choose_precision
-            from resnetlab.engine.checkpoint import load_checkpoint
+            from resnetlab.checkpoint import load_checkpoint
 
             choice = choose_precision(load_checkpoint(checkpoint_file)["meta"])
             precision, chosen_because = choice.precision, choice.reason
@@ -337,7 +258,7 @@ def load_predictor(source: str | Path, *, backend: str = "auto", threads: int | 
                                       cache_root=cache_root, log=log)
             if log is not None:
                 log(f"note: {err}; predicting with eager torch instead")
-    from resnetlab.engine.checkpoint import load_checkpoint, model_from_checkpoint
+    from resnetlab.checkpoint import load_checkpoint, model_from_checkpoint
 
     model, meta = model_from_checkpoint(load_checkpoint(checkpoint_file))
     if threads:

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from resnetlab.data.preprocessing import Preprocessing, normalize, prepare_image
-from resnetlab.deployment.backends import InferenceBackend, OnnxRuntimeBackend
-from resnetlab.errors import DataError, ResnetlabError
+from resnetlab.deployment.backends import InferenceBackend, OnnxRuntimeBackend, preferred_batch
+from resnetlab.errors import DataError, ExportError, ResnetlabError, first_line
 
 CALIBRATION_IMAGES = 256
 EVALUATION_IMAGES = 1000
@@ -45,8 +45,8 @@ def load_labelled_samples(spec: str | None, meta: dict[str, Any], prep: Preproce
     own test split.
     """
     from resnetlab.config import DataConfig, RunConfig
+    from resnetlab.data.datasets import open_dataset_for_model
     from resnetlab.data.splits import plan_splits
-    from resnetlab.jobs.evaluate import open_dataset_for_model
 
     try:
         saved_data = RunConfig.model_validate(meta["config"]).data.model_dump()
@@ -113,9 +113,7 @@ def quantize_onnx_int8(fp32_model: Path, out_model: Path, calibration: torch.Ten
     except ResnetlabError:
         raise
     except Exception as err:
-        from resnetlab.deployment.export import ExportError, _one_line
-
-        raise ExportError(f"int8 quantization failed: {_one_line(err)}") from None
+        raise ExportError(f"int8 quantization failed: {first_line(err, 300)}") from None
     finally:
         prepared.unlink(missing_ok=True)
 
@@ -155,8 +153,6 @@ def quantize_checkpoint_export(fp32_model: Path, out_model: Path, reference: Inf
 
     ``reference`` is the eager float32 model: the accuracy change is int8 against the model that was evaluated.
     """
-    from resnetlab.deployment.predictor import preferred_batch
-
     calibration, evaluation = load_labelled_samples(calibration_data, meta, prep)
     log(f"int8: calibrating on {calibration.description}")
     mean, std = torch.as_tensor(prep.mean), torch.as_tensor(prep.std)
@@ -184,8 +180,6 @@ def measure_precision_change(reference: InferenceBackend, candidate: InferenceBa
                              log: Callable[[str], None] = print) -> dict[str, Any] | None:
     """A lower-precision model's top-1 change and agreement against the float32 one, on the held-out split of
     ``data`` (None: the checkpoint's training data). None, with a note, when no such images can be read here."""
-    from resnetlab.deployment.predictor import preferred_batch
-
     precision = candidate.precision
     try:
         _, evaluation = load_labelled_samples(data, meta, prep, calibration_limit=1)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import resnetlab
+from resnetlab.checkpoint import resolve_checkpoint_file
 from resnetlab.data.preprocessing import Preprocessing
 from resnetlab.errors import CheckpointError
 
@@ -32,6 +33,13 @@ RECORD_FORMAT_VERSION = 1
 MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.ts", "aoti": "model.pt2"}
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 SCALING = "x / 255 per channel in channel_order, then (x - mean) / std"
+NEITHER_RUN_NOR_EXPORT = ("'{path}' is neither an export folder (no preprocessing.json) nor a run directory "
+                          "(no checkpoints/best.pt); pass a checkpoint, a run directory or an export folder")
+
+
+def checkpoint_file_of(path: str | Path) -> Path:
+    """A checkpoint file, or a run directory's checkpoints/best.pt, where an export folder would also do."""
+    return resolve_checkpoint_file(path, folder_error=NEITHER_RUN_NOR_EXPORT)
 
 
 def _horizontal_flip_in_training(meta: dict[str, Any]) -> bool | None:

@@ -19,14 +19,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from resnetlab.checkpoint import load_checkpoint, model_from_checkpoint, preprocessing_from_meta
 from resnetlab.config import DataConfig, RunConfig, parse_override, set_dotted, validate_config
 from resnetlab.data.augment import get_policy
 from resnetlab.data.build import eval_batches_for_table
-from resnetlab.data.datasets import open_dataset
+from resnetlab.data.datasets import open_dataset_for_model
 from resnetlab.data.preprocessing import Preprocessing, normalize, prepare_image
-from resnetlab.data.records import DatasetSource, SampleTable
+from resnetlab.data.records import SampleTable
 from resnetlab.data.splits import plan_splits
-from resnetlab.engine.checkpoint import load_checkpoint, model_from_checkpoint, preprocessing_from_meta
 from resnetlab.engine.runtime import Runtime, resolve_runtime
 from resnetlab.engine.trainer import evaluate_loader
 from resnetlab.errors import ConfigError, DataError
@@ -55,14 +55,14 @@ def export_runtime() -> Runtime:
 def load_export_of(checkpoint_file: Path, export_dir: Path):
     """The predictor of ``export_dir``, which must have been exported from ``checkpoint_file`` (or the run
     directory's best checkpoint)."""
-    from resnetlab.deployment.predictor import load_predictor, resolve_checkpoint_file
-    from resnetlab.deployment.records import file_sha256, is_export_dir, read_export_record
+    from resnetlab.deployment.predictor import load_predictor
+    from resnetlab.deployment.records import checkpoint_file_of, file_sha256, is_export_dir, read_export_record
     from resnetlab.errors import CheckpointError
 
     if not is_export_dir(export_dir):
         raise CheckpointError(f"--export '{export_dir}' is not an export folder (no preprocessing.json); make one "
                               "with `resnetlab export`")
-    checkpoint_file = resolve_checkpoint_file(checkpoint_file)
+    checkpoint_file = checkpoint_file_of(checkpoint_file)
     made_from = (read_export_record(export_dir).get("source") or {}).get("checkpoint_sha256")
     if made_from != file_sha256(checkpoint_file):
         raise CheckpointError(f"--export '{export_dir}' was not exported from '{checkpoint_file}' (its record names "
@@ -160,28 +160,6 @@ def deployment_check(checkpoint_file: Path, meta: dict, batches, reference, *,
         f"{report['images']} test images it scores top-1 {report['top1']:.4f} against {report['float32_top1']:.4f} "
         f"in float32, {report['top1_agreement']:.1%} of answers the same")
     return report
-
-
-def map_classes_to_model(source: DatasetSource, model_ids: list, model_names: list[str]) -> np.ndarray:
-    """For each class of ``source``, its index in the model's class list (matched by id, then by name), or -1."""
-    by_id = {str(cid): i for i, cid in enumerate(model_ids)}
-    by_name = {name.lower(): i for i, name in enumerate(model_names)}
-    mapping = []
-    for cid, name in zip(source.class_ids, source.class_names):
-        mapping.append(by_id.get(str(cid), by_name.get(str(name).lower(), -1)))
-    return np.asarray(mapping, dtype=np.int64)
-
-
-def open_dataset_for_model(data_cfg: DataConfig, meta: dict) -> tuple[DatasetSource, np.ndarray]:
-    """Read a dataset for a trained model: the source, and each of its classes' index in the model (or -1)."""
-    try:
-        source = open_dataset(data_cfg)
-    except DataError:
-        if not data_cfg.classes:
-            raise
-        # A foreign set may lack some of the classes the run kept: read all of its classes and map them instead.
-        source = open_dataset(DataConfig.model_validate({**data_cfg.model_dump(), "classes": None}))
-    return source, map_classes_to_model(source, meta["classes"]["ids"], meta["classes"]["names"])
 
 
 # data.* keys that describe the model's input: they come from the checkpoint and cannot change at evaluation.
