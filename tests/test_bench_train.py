@@ -8,7 +8,7 @@ import json
 import torch
 
 from resnetlab.cli.main import main
-from resnetlab.engine.bench import TrainerStep, measure_conv_peak
+from resnetlab.bench.train import TrainerStep, measure_conv_peak
 from resnetlab.config import build_config
 
 

@@ -110,7 +110,7 @@ def test_inspect_groups_and_rois_of_gtsrb(tmp_path, capsys):
 
 @pytest.mark.parametrize("in_memory", ["always", "never"])
 def test_profile_times_every_stage_and_the_training_step(tmp_path, in_memory):
-    from resnetlab.data.profile import profile_pipeline
+    from resnetlab.bench.pipeline import profile_pipeline
     from tests.test_gtsrb_loader import make_gtsrb
 
     make_gtsrb(tmp_path, rows_per_class=12, classes=(0, 14))

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from resnetlab.cli.main import main
-from resnetlab.deployment.bench import DEFAULT_VARIANTS, bench_infer
+from resnetlab.bench.infer import DEFAULT_VARIANTS, bench_infer
 from tests.test_deploy_export import tiny_checkpoint  # noqa: F401  (the shared trained model)
 
 

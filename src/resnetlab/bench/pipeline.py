@@ -261,7 +261,7 @@ def _loader_rate(table, prep, transform, batch_size, workers, policy, mirror, *,
 
 def _train_rate(cfg: RunConfig, num_classes: int, runtime, batch_size: int, steps: int, log) -> float:
     """The images/s of the Trainer's own step for this config (same model, optimizer, precision and layout)."""
-    from resnetlab.engine.bench import trainer_step_rate
+    from resnetlab.bench.train import trainer_step_rate
 
     log(f"timing {steps} training steps of {cfg.model.name} at batch {batch_size} ({runtime.describe()})")
     step_cfg = cfg.model_copy(deep=True)

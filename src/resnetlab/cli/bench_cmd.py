@@ -31,7 +31,7 @@ def bench_infer(
     (float32 and int8) and the default deployment path, measured side by side in one run."""
     from resnetlab.cli.main import fail
     from resnetlab.cli.render import print_table
-    from resnetlab.deployment.bench import DEFAULT_VARIANTS, bench_infer as run_bench
+    from resnetlab.bench.infer import DEFAULT_VARIANTS, bench_infer as run_bench
     from resnetlab.utils.io import write_json
 
     chosen = tuple(v.strip() for v in variants.split(",") if v.strip()) if variants else DEFAULT_VARIANTS
@@ -81,7 +81,7 @@ def bench_train_command(
 ) -> None:
     """resnetlab's training step (default settings) against a plain float32 NCHW eager loop, side by side."""
     from resnetlab.cli.main import fail
-    from resnetlab.engine.bench import bench_train
+    from resnetlab.bench.train import bench_train
     from resnetlab.utils.io import write_json
 
     if min(input_size, batch_size, repeats) < 1 or seconds <= 0:
@@ -113,7 +113,7 @@ def bench_data_command(
 ) -> None:
     """The input pipeline's images/s against the model's consumption (the same measurement as `data profile`)."""
     from resnetlab.cli.data_cmd import data_tool_config
-    from resnetlab.data.profile import profile_pipeline
+    from resnetlab.bench.pipeline import profile_pipeline
 
     cfg = data_tool_config(data, recipe, overrides)
     result = profile_pipeline(cfg, train_steps=steps, log=lambda m: typer.echo(m, err=True))

@@ -158,7 +158,7 @@ def data_profile(
     """Time each pipeline stage (read, decode, crop, augment, collate) against the model's training step."""
     from resnetlab.cli.main import fail
     from resnetlab.cli.render import print_table
-    from resnetlab.data.profile import profile_pipeline
+    from resnetlab.bench.pipeline import profile_pipeline
 
     if min(files, batches, steps) < 1:
         fail("--files, --batches and --steps must be at least 1")
