@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from resnetlab.cli.options import data_tool_config, fail
+
 bench_app = typer.Typer(help="Benchmarks on this machine.", no_args_is_help=True)
 
 
@@ -29,7 +31,6 @@ def bench_infer(
 ) -> None:
     """Batch-1 latency (p50/p99) and batch throughput of eager, bf16/channels_last, torch.compile, ONNX Runtime
     (float32 and int8) and the default deployment path, measured side by side in one run."""
-    from resnetlab.cli.main import fail
     from resnetlab.cli.render import print_table
     from resnetlab.bench.infer import DEFAULT_VARIANTS, bench_infer as run_bench
     from resnetlab.utils.io import write_json
@@ -80,7 +81,6 @@ def bench_train_command(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the JSON result to this file")] = None,
 ) -> None:
     """resnetlab's training step (default settings) against a plain float32 NCHW eager loop, side by side."""
-    from resnetlab.cli.main import fail
     from resnetlab.bench.train import bench_train
     from resnetlab.utils.io import write_json
 
@@ -112,7 +112,6 @@ def bench_data_command(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """The input pipeline's images/s against the model's consumption (the same measurement as `data profile`)."""
-    from resnetlab.cli.data_cmd import data_tool_config
     from resnetlab.bench.pipeline import profile_pipeline
 
     cfg = data_tool_config(data, recipe, overrides)

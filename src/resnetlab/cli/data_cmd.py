@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from resnetlab.cli.options import data_tool_config, fail
+
 data_app = typer.Typer(help="Dataset tools: inspect a dataset, channel statistics, split class folders, profile "
                             "the input pipeline, generate the synthetic set.", no_args_is_help=True)
 
@@ -16,16 +18,6 @@ OVERRIDES_HELP = "Config overrides with dotted keys, e.g. data.input_size=64 dat
 
 def register(app: typer.Typer) -> None:
     app.add_typer(data_app, name="data")
-
-
-def data_tool_config(spec: str | None, recipe: str | None, overrides: list[str] | None):
-    """The run config these tools look at the data through: a recipe (default: none, i.e. the config defaults),
-    then --data, then KEY=VALUE overrides, exactly as `resnetlab train` resolves them."""
-    from resnetlab.config import build_config
-    from resnetlab.recipes import load_recipe
-
-    base = load_recipe(recipe) if recipe else {}
-    return build_config(base, {"data.spec": spec}, list(overrides or []))
 
 
 def _echo_err(message: str) -> None:
@@ -156,7 +148,6 @@ def data_profile(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Time each pipeline stage (read, decode, crop, augment, collate) against the model's training step."""
-    from resnetlab.cli.main import fail
     from resnetlab.cli.render import print_table
     from resnetlab.bench.pipeline import profile_pipeline
 
@@ -190,7 +181,6 @@ def data_synth(
     workers: Annotated[int, typer.Option("--workers", help="Processes to draw with")] = 1,
 ) -> None:
     """Generate the synthetic traffic-sign set (deterministic for a seed)."""
-    from resnetlab.cli.main import fail
     from resnetlab.data.synthetic import generate_synthetic_signs
 
     if per_class < 1:

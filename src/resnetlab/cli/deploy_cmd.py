@@ -7,13 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-PRECISION_HELP = ("auto (the default: float32 ONNX Runtime for small models, equal to evaluation to 1e-4; a bf16 "
-                  "AOTInductor package for models of 1 GMAC or more per image on CPUs with bf16 instructions, "
-                  "e.g. resnet50 at 224: 5.8x eager float32), float32, or bf16 (confidences differ from float32 by "
-                  "up to a few hundredths)")
-BACKEND_HELP = ("auto (ONNX Runtime in float32, an AOTInductor package in bf16; a checkpoint is exported once into "
-                "the cache), torch, onnxruntime, torchscript or aoti")
-
+from resnetlab.cli.options import BACKEND_HELP, PRECISION_HELP, fail
 
 def register(app: typer.Typer) -> None:
     app.command("export")(export)
@@ -34,7 +28,6 @@ def export(
     """Export a checkpoint to ONNX, TorchScript or an AOTInductor package, checked against the eager float32 model
     at batch 1 and N (float32: fails when confidences differ by more than 1e-4, or logits by more than 1e-4 of the
     largest logit; bf16: 0.1, and its accuracy change is measured)."""
-    from resnetlab.cli.main import fail
     from resnetlab.deployment.export import DEFAULT_OPSET, EXPORT_PRECISIONS, FORMATS, export_checkpoint
 
     if export_format not in FORMATS:
@@ -67,7 +60,6 @@ def serve(
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="Largest request body; larger ones get 413")] = 10.0,
 ) -> None:
     """Serve the model over HTTP: a web page at /, POST /predict, GET /health and GET /model."""
-    from resnetlab.cli.main import fail
     from resnetlab.deployment.service import serve as run_service
 
     if workers < 1:

@@ -15,7 +15,26 @@ from typing import Annotated, Optional
 import click
 import typer
 
-from resnetlab.cli.deploy_cmd import BACKEND_HELP, PRECISION_HELP
+from resnetlab.cli import bench_cmd, data_cmd, deploy_cmd, tune_cmd
+from resnetlab.cli.options import (
+    BACKEND_HELP,
+    DATA,
+    MODEL,
+    OUTPUT,
+    PRECISION_HELP,
+    RUN,
+    BatchSizeOption,
+    DataOption,
+    DeviceOption,
+    EpochsOption,
+    ModelOption,
+    OverridesArg,
+    QuietOption,
+    RecipeOption,
+    SeedOption,
+    fail,
+    run_flags,
+)
 from resnetlab.errors import ResnetlabError
 
 try:  # typer >= 0.20 carries its own copy of click, whose exceptions are not click's
@@ -35,13 +54,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-RUN, DATA, MODEL, TRAINING, OUTPUT = "Run", "Data", "Model", "Training", "Output"
-
-
-def fail(message: str, code: int = 2) -> None:
-    """Stop a command with one line on stderr and exit code 2 (bad usage or input)."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 @app.callback(invoke_without_command=True)
@@ -54,25 +66,6 @@ def _root(ctx: typer.Context) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # train
 # ---------------------------------------------------------------------------------------------------------------
-
-
-# The options that describe a run, shared by `train` and `tune` (where they are the base of every trial).
-OverridesArg = Annotated[Optional[list[str]], typer.Argument(metavar="[KEY=VALUE]...", help="Config overrides with dotted keys, e.g. optim.lr=0.01 data.classes=[2,3,14,17]", show_default=False)]
-RecipeOption = Annotated[Optional[str], typer.Option("--recipe", "-r", help="Shipped recipe name or a YAML file (default: demo)", rich_help_panel=RUN)]
-DataOption = Annotated[Optional[str], typer.Option("--data", "-d", help="Dataset: synthetic-signs, gtsrb:PATH, folder:PATH", rich_help_panel=DATA)]
-BatchSizeOption = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Training batch size", rich_help_panel=DATA)]
-ModelOption = Annotated[Optional[str], typer.Option("--model", "-m", help="Model name (see `resnetlab models`)", rich_help_panel=MODEL)]
-EpochsOption = Annotated[Optional[int], typer.Option("--epochs", "-e", help="Number of epochs", rich_help_panel=TRAINING)]
-SeedOption = Annotated[Optional[int], typer.Option("--seed", help="Random seed", rich_help_panel=TRAINING)]
-DeviceOption = Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda", rich_help_panel=TRAINING)]
-QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or log on the console", rich_help_panel=OUTPUT)]
-
-
-def run_flags(*, data: str | None, batch_size: int | None, model: str | None, epochs: int | None, seed: int | None,
-              device: str | None, quiet: bool) -> dict:
-    """The named run options as dotted config keys (None: not given, the recipe's value stands)."""
-    return {"data.spec": data, "data.batch_size": batch_size, "model.name": model, "train.epochs": epochs,
-            "train.seed": seed, "train.device": device, "logging.quiet": True if quiet else None}
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
@@ -257,8 +250,6 @@ def recipes(as_json: Annotated[bool, typer.Option("--json", help="Machine-readab
 # ---------------------------------------------------------------------------------------------------------------
 # sub-command groups that live in their own modules
 # ---------------------------------------------------------------------------------------------------------------
-
-from resnetlab.cli import bench_cmd, data_cmd, deploy_cmd, tune_cmd  # noqa: E402
 
 for _module in (data_cmd, tune_cmd, deploy_cmd, bench_cmd):
     _module.register(app)

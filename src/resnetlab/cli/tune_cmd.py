@@ -10,6 +10,22 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperCommand
 
+from resnetlab.cli.options import (
+    OUTPUT,
+    RUN,
+    BatchSizeOption,
+    DataOption,
+    DeviceOption,
+    EpochsOption,
+    ModelOption,
+    OverridesArg,
+    QuietOption,
+    RecipeOption,
+    SeedOption,
+    fail,
+    run_flags,
+)
+
 SEARCH, WORKERS = "Search", "Workers and storage"
 
 
@@ -47,12 +63,6 @@ class _TuneCommand(TyperCommand):
 
 
 def register(app: typer.Typer) -> None:
-    # Imported here, not at the top: cli.main imports this module at its end, after defining these.
-    from resnetlab.cli.main import (
-        OUTPUT, RUN, BatchSizeOption, DataOption, DeviceOption, EpochsOption, ModelOption, OverridesArg, QuietOption,
-        RecipeOption, SeedOption, fail, run_flags,
-    )
-
     @app.command(cls=_TuneCommand, context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
     def tune(
         ctx: typer.Context,
