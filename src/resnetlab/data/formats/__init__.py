@@ -6,23 +6,9 @@ and is called as ``reader(argument, data_config)``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from resnetlab.data.formats._registry import _READER_HELP, _READERS, DatasetReader, register_format
 
-from resnetlab.config import DataConfig
-from resnetlab.data.records import DatasetSource
-
-DatasetReader = Callable[[str, DataConfig], DatasetSource]
-_READERS: dict[str, DatasetReader] = {}
-_READER_HELP: dict[str, str] = {}
-
-
-def register_format(prefix: str, help_text: str) -> Callable[[DatasetReader], DatasetReader]:
-    def decorate(reader: DatasetReader) -> DatasetReader:
-        _READERS[prefix] = reader
-        _READER_HELP[prefix] = help_text
-        return reader
-
-    return decorate
+__all__ = ["DatasetReader", "dataset_formats", "get_reader", "register_format"]
 
 
 def dataset_formats() -> dict[str, str]:

@@ -28,7 +28,7 @@ from PIL import Image
 
 from resnetlab.config import DataConfig
 from resnetlab.data.cache import cache_root
-from resnetlab.data.formats import register_format
+from resnetlab.data.formats._registry import register_format
 from resnetlab.data.formats.folder import find_split_dirs, read_class_folders
 from resnetlab.data.records import DatasetSource, SampleTable
 from resnetlab.errors import DataError

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from resnetlab.config import DataConfig
-from resnetlab.data.formats import register_format
+from resnetlab.data.formats._registry import register_format
 from resnetlab.data.formats.common import IMAGE_EXTENSIONS, IgnoredFiles, require_dir, scan_images
 from resnetlab.data.records import BadImage, DatasetSource, SampleTable
 from resnetlab.errors import DataError

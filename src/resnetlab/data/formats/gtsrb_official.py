@@ -19,7 +19,7 @@ import numpy as np
 
 from resnetlab.config import DataConfig
 from resnetlab.data.formats.common import require_dir
-from resnetlab.data.formats.gtsrb import _OFFICIAL_NAME, read_gtsrb_csv, source_from_class_id_tables
+from resnetlab.data.formats.gtsrb_tables import OFFICIAL_NAME, read_gtsrb_csv, source_from_class_id_tables
 from resnetlab.data.records import BadImage, DatasetSource, SampleTable
 from resnetlab.errors import DataError
 
@@ -64,7 +64,7 @@ def _read_class_folder(folder: Path, rejected: list[BadImage], notes: list[str])
     notes.append(f"{folder}: no GT-{folder.name}.csv, so no ROI boxes for its {len(images)} image(s)")
     groups = []
     for path in images:
-        match = _OFFICIAL_NAME.match(path.name)
+        match = OFFICIAL_NAME.match(path.name)
         groups.append(f"{class_id}_{int(match.group(1))}" if match else None)
     return SampleTable([str(p.resolve()) for p in images], np.full(len(images), class_id, dtype=np.int64),
                        np.full((len(images), 4), -1, dtype=np.int64),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from resnetlab.config import DataConfig
-from resnetlab.data.formats import register_format
+from resnetlab.data.formats._registry import register_format
 from resnetlab.data.formats.gtsrb import read_gtsrb_kaggle
 from resnetlab.data.records import DatasetSource
 
