@@ -5,11 +5,13 @@ and the RNG states from which the data order and the augmentations are drawn), w
 so a run killed at any moment and resumed from ``last.pt`` replays the interrupted epoch exactly and continues as
 if it had never stopped. Checkpoints are written atomically (temporary file, then rename), ``best.pt`` before
 ``last.pt``, so that no kill can leave a ``last.pt`` that refers to a best checkpoint not yet on disk.
+
+The trainer trains; around it, :mod:`.evaluation_loop` validates, :mod:`.checkpoint_saver` decides which checkpoints
+are kept and :mod:`.run_logging` writes metrics.csv, TensorBoard and the progress bar.
 """
 
 from __future__ import annotations
 
-import csv
 import itertools
 import math
 import time
@@ -24,38 +26,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from resnetlab.checkpoint import build_meta, load_checkpoint, save_checkpoint
+from resnetlab.checkpoint import build_meta, load_checkpoint
 from resnetlab.config import LossConfig, RunConfig
 from resnetlab.data.augment import build_mixing
 from resnetlab.data.build import RunData
+from resnetlab.engine.checkpoint_saver import CheckpointSaver
 from resnetlab.engine.distributed import DistributedContext
+from resnetlab.engine.evaluation_loop import EpochResult, evaluate_loader
 from resnetlab.engine.optim import GradientPerturbation, create_optimizer, frozen_norm_statistics, wrap_optimizer
+from resnetlab.engine.run_logging import PROGRESS_EVERY, MetricsFile, Progress, TensorBoardSink, epoch_line
 from resnetlab.engine.runtime import Runtime, rng_state, set_rng_state
 from resnetlab.engine.schedule import Schedule
 from resnetlab.errors import ConfigError
-from resnetlab.evaluation.tta import tta_log_probabilities
-from resnetlab.utils.io import atomic_write
 from resnetlab.utils.runlog import RunLog
-
-METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_top1", "train_top5", "val_loss", "val_top1", "val_top5",
-                  "grad_norm", "epoch_seconds", "images_per_second", "ema_val_top1", "ema_val_loss", "best"]
-# metrics.csv column -> TensorBoard tag
-TENSORBOARD_TAGS = {"train_loss": "loss/train", "val_loss": "loss/val", "ema_val_loss": "loss/val_ema",
-                    "train_top1": "accuracy/train_top1", "train_top5": "accuracy/train_top5",
-                    "val_top1": "accuracy/val_top1", "val_top5": "accuracy/val_top5",
-                    "ema_val_top1": "accuracy/val_ema_top1",
-                    "lr": "optim/lr", "grad_norm": "optim/grad_norm", "images_per_second": "speed/images_per_second",
-                    "epoch_seconds": "speed/epoch_seconds"}
-PREVIEW_IMAGES = 64
-PROGRESS_EVERY = 10  # batches between progress-bar statistics (each reads values back from the device)
-
-
-@dataclass
-class EpochResult:
-    loss: float
-    top1: float
-    top5: float = float("nan")
-
 
 @dataclass
 class TrainOutcome:
@@ -66,46 +49,6 @@ class TrainOutcome:
     train_seconds: float
     best_weights: str = "raw"  # which weights best.pt (and the model after fit) hold: "raw" or "ema"
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-@torch.no_grad()
-def evaluate_loader(model: nn.Module, batches, runtime: Runtime, *, collect: bool = False, tta_flip: bool = False,
-                    tta_crops: bool = False):
-    """Mean loss, top-1 and top-5 over ``batches``; with ``collect``, also the logits and targets.
-
-    ``tta_flip`` / ``tta_crops`` average the softmax over mirror images and corner crops (test-time augmentation,
-    :mod:`resnetlab.evaluation.tta`) and return the log of that average as the logits.
-    """
-    model.eval()
-    total_loss = torch.zeros((), dtype=torch.float64, device=runtime.device)
-    correct1 = torch.zeros((), dtype=torch.int64, device=runtime.device)
-    correct5 = torch.zeros((), dtype=torch.int64, device=runtime.device)
-    count = 0
-    all_logits, all_targets = [], []
-    for images, targets in batches:
-        images = runtime.to_input(images)
-        targets = targets.to(runtime.device)
-        with runtime.autocast():
-            if tta_flip or tta_crops:
-                logits = tta_log_probabilities(model, images, flip=tta_flip, crops=tta_crops)
-            else:
-                logits = model(images).float()
-        total_loss += F.cross_entropy(logits, targets, reduction="sum").double()
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        correct1 += (top[:, 0] == targets).sum()
-        correct5 += (top == targets[:, None]).any(dim=1).sum()
-        count += targets.numel()
-        if collect:
-            all_logits.append(logits.cpu())
-            all_targets.append(targets.cpu())
-    n = max(count, 1)
-    result = EpochResult(total_loss.item() / n, correct1.item() / n, correct5.item() / n)
-    if collect:
-        logits = torch.cat(all_logits) if all_logits else torch.zeros(0, 0)
-        targets = torch.cat(all_targets) if all_targets else torch.zeros(0, dtype=torch.long)
-        return result, logits, targets
-    return result
 
 
 def loss_class_weights(cfg: LossConfig, train_counts: np.ndarray) -> torch.Tensor | None:
@@ -199,15 +142,12 @@ class Trainer:
         self.best_weights = "raw"
         self.bad_epochs = 0
         self.train_seconds = 0.0
-        self.top_k: list[tuple[float, int]] = []
+        self.saver = CheckpointSaver(self.ckpt_dir, keep_top_k=t.keep_top_k, save_every=t.save_every,
+                                     mode=self._mode())
         self._epoch_metric: float | None = None
-        self._preview: torch.Tensor | None = None  # the first augmented batch this process trains on
-        self._preview_written = False
-        self.writer = None
-        if cfg.logging.tensorboard and self.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self.metrics_file = MetricsFile(run_dir / "metrics.csv")
+        self.tensorboard = (TensorBoardSink(run_dir / "tensorboard", data.prep.mean, data.prep.std)
+                            if cfg.logging.tensorboard and self.is_main else None)
 
     # -- loss ---------------------------------------------------------------------------------------------------
 
@@ -240,7 +180,7 @@ class Trainer:
             "trainer": {"epoch": self.epoch, "step": self.step, "best_metric": self.best_metric,
                         "best_epoch": self.best_epoch, "best_weights": self.best_weights,
                         "bad_epochs": self.bad_epochs, "train_seconds": self.train_seconds,
-                        "top_k": [list(x) for x in self.top_k]},
+                        "top_k": [list(x) for x in self.saver.top_k]},
             "rng": rng_state(),
             "meta": self.meta(),
         }
@@ -264,7 +204,7 @@ class Trainer:
         self.best_metric, self.best_epoch, self.bad_epochs = tr["best_metric"], tr["best_epoch"], tr["bad_epochs"]
         self.best_weights = tr.get("best_weights", "raw")
         self.train_seconds = tr["train_seconds"]
-        self.top_k = [(float(m), int(e)) for m, e in tr.get("top_k", [])]
+        self.saver.top_k = [(float(m), int(e)) for m, e in tr.get("top_k", [])]
         set_rng_state(state["rng"])
         return warnings
 
@@ -279,7 +219,7 @@ class Trainer:
         for warning in self.load_state_dict(state):
             self.log(f"warning: {warning}")
         if self.is_main:
-            self._truncate_metrics(self.epoch)
+            self.metrics_file.truncate(self.epoch)
         self.log(f"resumed from {path} after epoch {self.epoch} (step {self.step}, "
                  f"{self.train_seconds:.1f}s of training so far)")
 
@@ -289,7 +229,7 @@ class Trainer:
         t = self.cfg.train
         budget_s = t.time_budget * 60 if t.time_budget else None
         stopped = "completed all epochs"
-        progress = _Progress(enabled=self.is_main and not self.cfg.logging.quiet)
+        progress = Progress(enabled=self.is_main and not self.cfg.logging.quiet)
         history = []
         try:
             while self.epoch < t.epochs:
@@ -317,10 +257,11 @@ class Trainer:
                 history.append(row)
                 self.schedule.step_epoch(self._monitored(val) if val else None)
                 if self.is_main:
-                    self._append_metrics(row)
+                    self.metrics_file.append(row)
                     self._save(improved, use_ema)
-                    self._tensorboard(row)
-                    self.log(_epoch_line(row, t.epochs, out_of_time))
+                    if self.tensorboard is not None:
+                        self.tensorboard.write(row)
+                    self.log(epoch_line(row, t.epochs, out_of_time))
                 if self.on_epoch_end is not None and self.on_epoch_end(epoch, row) is False:
                     stopped = f"stopped by the caller after epoch {epoch}"
                     break
@@ -336,14 +277,14 @@ class Trainer:
                     break
         finally:
             progress.close()
-            if self.writer is not None:
-                self.writer.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
         self._restore_best()
         return TrainOutcome(best_epoch=self.best_epoch, best_metric=self.best_metric or 0.0, epochs_run=self.epoch,
                             stopped_because=stopped, train_seconds=self.train_seconds,
                             best_weights=self.best_weights, history=history)
 
-    def _train_epoch(self, epoch: int, progress: _Progress, budget_s: float | None):
+    def _train_epoch(self, epoch: int, progress: Progress, budget_s: float | None):
         self.net.train()
         device = self.runtime.device
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -363,8 +304,8 @@ class Trainer:
             targets = hard_targets
             if self.mixing is not None:
                 images, targets = self.mixing(images, hard_targets)
-            if self.writer is not None and self._preview is None and not self._preview_written:
-                self._preview = images[:PREVIEW_IMAGES].detach().float().cpu()
+            if self.tensorboard is not None:
+                self.tensorboard.capture_preview(images)
             lr = self.schedule.current_lr()
             logits, loss, grad_norm = self.train_step(images, targets)
             if self.ema is not None:
@@ -485,25 +426,9 @@ class Trainer:
         return improved, use_ema
 
     def _save(self, improved: bool, use_ema: bool) -> None:
-        t = self.cfg.train
         chosen, kind = (self.ema.module, "ema") if use_ema else (self.model, "raw")
-        if improved:
-            save_checkpoint(self.ckpt_dir / "best.pt", {"model": chosen.state_dict(), "meta": self.meta(kind)})
-        if t.keep_top_k > 1 and self._epoch_metric is not None:
-            self.top_k.append((self._epoch_metric, self.epoch))
-            # best first; among equals the earlier epoch (a stable sort keeps the append order)
-            self.top_k.sort(key=lambda item: -item[0] if self._mode() == "max" else item[0])
-            kept = self.top_k[: t.keep_top_k]
-            if any(e == self.epoch for _, e in kept):
-                save_checkpoint(self.ckpt_dir / f"top_epoch_{self.epoch:04d}.pt",
-                                {"model": chosen.state_dict(), "meta": self.meta(kind)})
-            for _, e in self.top_k[t.keep_top_k:]:
-                (self.ckpt_dir / f"top_epoch_{e:04d}.pt").unlink(missing_ok=True)
-            self.top_k = kept
-        state = self.state_dict()
-        if t.save_every and self.epoch % t.save_every == 0:
-            save_checkpoint(self.ckpt_dir / f"epoch_{self.epoch:04d}.pt", state)
-        save_checkpoint(self.ckpt_dir / "last.pt", state)  # last: it refers to everything written above
+        self.saver.save(self.epoch, improved=improved, metric=self._epoch_metric,
+                        weights=lambda: {"model": chosen.state_dict(), "meta": self.meta(kind)}, state=self.state_dict)
 
     def _restore_best(self) -> None:
         """Load the best checkpoint's weights into the model (what early stopping promises)."""
@@ -512,92 +437,3 @@ class Trainer:
             state = load_checkpoint(best)
             self.model.load_state_dict(state["model"])
             self.best_weights = state["meta"].get("weights", "raw")
-
-    def _append_metrics(self, row: dict) -> None:
-        path = self.run_dir / "metrics.csv"
-        rows = _read_rows(path)
-        rows.append({k: _fmt(row.get(k, "")) for k in METRIC_COLUMNS})
-        _write_rows(path, rows)
-
-    def _truncate_metrics(self, epochs: int) -> None:
-        """Drop the rows of epochs after the checkpoint (a killed run may have logged one more)."""
-        path = self.run_dir / "metrics.csv"
-        _write_rows(path, [r for r in _read_rows(path) if int(r["epoch"]) <= epochs])
-
-    def _tensorboard(self, row: dict) -> None:
-        if self.writer is None:
-            return
-        for key, tag in TENSORBOARD_TAGS.items():
-            value = row.get(key)
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                self.writer.add_scalar(tag, value, row["epoch"])
-        if self._preview is not None and not self._preview_written:
-            import torchvision
-
-            mean = torch.as_tensor(self.data.prep.mean, dtype=torch.float32).view(1, 3, 1, 1)
-            std = torch.as_tensor(self.data.prep.std, dtype=torch.float32).view(1, 3, 1, 1)
-            images = (self._preview.contiguous() * std + mean).clamp(0, 1)
-            self.writer.add_image("augmented_batch", torchvision.utils.make_grid(images, nrow=8), row["epoch"])
-            self._preview, self._preview_written = None, True
-        self.writer.flush()
-
-
-def _read_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def _write_rows(path: Path, rows: list[dict]) -> None:
-    with atomic_write(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS, extrasaction="ignore", restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
-
-
-def _epoch_line(row: dict, epochs: int, out_of_time: bool = False) -> str:
-    ema = f" ema_val_top1 {row['ema_val_top1']:.4f}" if isinstance(row["ema_val_top1"], float) else ""
-    partial = " (partial: time budget)" if out_of_time else ""
-    val = (f" val_loss {row['val_loss']:.4f} val_top1 {row['val_top1']:.4f} val_top5 {row['val_top5']:.4f}"
-           if isinstance(row["val_top1"], float) else " (no validation split)")
-    return (f"epoch {row['epoch']}/{epochs}{partial} lr {row['lr']:.3g} train_loss {row['train_loss']:.4f} "
-            f"train_top1 {row['train_top1']:.4f} train_top5 {row['train_top5']:.4f}{val}{ema} "
-            f"grad_norm {row['grad_norm']:.3g} {row['epoch_seconds']:.1f}s "
-            f"{row['images_per_second']:.0f} img/s{' *best*' if row['best'] else ''}")
-
-
-class _Progress:
-    """A rich progress bar for the batches of one epoch: loss, accuracy, images/s and time left."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.bar = None
-        self.task = None
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), transient=True)
-            self.bar.start()
-
-    def start_epoch(self, epoch: int, epochs: int, batches: int) -> None:
-        if self.bar is None:
-            return
-        if self.task is not None:
-            self.bar.remove_task(self.task)
-        self.task = self.bar.add_task(f"epoch {epoch}/{epochs}", total=batches, stats="")
-
-    def advance(self, completed: int, *, loss: float, top1: float, rate: float) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=completed, stats=f"loss {loss:.3f} top1 {top1:.3f} {rate:.0f} img/s")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()

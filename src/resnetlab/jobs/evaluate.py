@@ -27,8 +27,8 @@ from resnetlab.data.datasets import open_dataset_for_model
 from resnetlab.data.preprocessing import Preprocessing, normalize, prepare_image
 from resnetlab.data.records import SampleTable
 from resnetlab.data.splits import plan_splits
+from resnetlab.engine.evaluation_loop import evaluate_loader
 from resnetlab.engine.runtime import Runtime, resolve_runtime
-from resnetlab.engine.trainer import evaluate_loader
 from resnetlab.errors import ConfigError, DataError
 
 GRADCAM_IMAGES = 16

@@ -99,18 +99,23 @@ def _format_cell(value: Any) -> Any:
     return "" if value is None else value
 
 
-def write_csv(path: str | Path, rows: Iterable[Mapping[str, Any]], fieldnames: Sequence[str]) -> Path:
+def write_csv(path: str | Path, rows: Iterable[Mapping[str, Any]], fieldnames: Sequence[str], *,
+              lineterminator: str = "\n") -> Path:
+    """Rows (dicts; missing keys and None are empty cells, other keys ignored) under a header, written atomically."""
     buffer = io.StringIO(newline="")
-    writer = csv.DictWriter(buffer, fieldnames=list(fieldnames), lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=list(fieldnames), lineterminator=lineterminator)
     writer.writeheader()
     for row in rows:
         writer.writerow({name: _format_cell(row.get(name)) for name in fieldnames})
     return atomic_write_text(path, buffer.getvalue())
 
 
-def write_csv_rows(path: str | Path, header: Sequence[Any], rows: Iterable[Sequence[Any]]) -> Path:
+def write_csv_rows(path: str | Path, header: Sequence[Any], rows: Iterable[Sequence[Any]], *,
+                   lineterminator: str = "\n") -> Path:
+    """Rows (sequences) under a header, written atomically. ``lineterminator="\r\n"`` keeps the files that were
+    written with the csv module's default line ending byte for byte as they were."""
     buffer = io.StringIO(newline="")
-    writer = csv.writer(buffer, lineterminator="\n")
+    writer = csv.writer(buffer, lineterminator=lineterminator)
     writer.writerow(header)
     for row in rows:
         writer.writerow([_format_cell(value) for value in row])
