@@ -44,7 +44,7 @@ from resnetlab.data.build import auto_workers, base_preprocessing, uses_memory
 from resnetlab.data.datasets import open_dataset
 from resnetlab.data.pipeline import FileBatches, FileImageDataset, TensorBatches
 from resnetlab.data.preprocessing import _to_rgb, pil_to_uint8, resize_to_input
-from resnetlab.data.splits import plan_splits
+from resnetlab.data.splits import plan_data_splits
 from resnetlab.errors import DataError
 
 
@@ -112,8 +112,7 @@ def profile_pipeline(cfg: RunConfig, *, files: int = 256, batches: int = 20, tra
 
     d = cfg.data
     source = open_dataset(d)
-    plan = plan_splits(source.splits, strategy=d.split, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
-                       seed=d.split_seed, group_kind=source.group_kind)
+    plan = plan_data_splits(source, d)
     table = plan.train
     if len(table) == 0:
         raise DataError(f"{source.spec}: the training split is empty; nothing to profile")

@@ -33,7 +33,7 @@ from resnetlab.data.pipeline import (
 )
 from resnetlab.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from resnetlab.data.records import DatasetSource, SampleTable
-from resnetlab.data.splits import SplitPlan, plan_splits
+from resnetlab.data.splits import SplitPlan, plan_data_splits
 from resnetlab.errors import ConfigError, DataError
 
 
@@ -74,8 +74,7 @@ def build_run_data(cfg: RunConfig, *, rank: int = 0, world_size: int = 1, pin_me
     for note in source.notes:
         log(note)
     if plan is None:
-        plan = plan_splits(source.splits, strategy=cfg.data.split, val_fraction=cfg.data.val_fraction,
-                           test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed, group_kind=source.group_kind)
+        plan = plan_data_splits(source, cfg.data)
     log(f"split: {plan.strategy}; train {len(plan.train)}, val {len(plan.val)}, test {len(plan.test)} images "
         f"(val: {plan.sources['val']}; test: {plan.sources['test']})")
     prep = base_preprocessing(cfg)

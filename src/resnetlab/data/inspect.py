@@ -21,7 +21,7 @@ from resnetlab.config import RunConfig
 from resnetlab.data.datasets import open_dataset
 from resnetlab.data.preprocessing import Preprocessing, prepare_image
 from resnetlab.data.records import BadImage, DatasetSource, SampleTable
-from resnetlab.data.splits import plan_splits
+from resnetlab.data.splits import plan_data_splits
 from resnetlab.errors import DataError
 from resnetlab.utils.io import atomic_write, write_json
 
@@ -86,8 +86,7 @@ def inspect_dataset(cfg: RunConfig, *, out_dir: Path | None = None, samples_per_
     d = cfg.data
     # Problems are what inspection is for: collect them instead of stopping at the first.
     source = open_dataset(d.model_copy(update={"on_bad_image": "skip"}))
-    plan = plan_splits(source.splits, strategy=d.split, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
-                       seed=d.split_seed, group_kind=source.group_kind)
+    plan = plan_data_splits(source, d)
     log(f"{source.spec}: {source.num_classes} classes; split {plan.strategy}")
     everything = SampleTable.concat([getattr(plan, name) for name in SPLITS])
     sizes, unreadable = size_report(everything)

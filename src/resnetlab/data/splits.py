@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
-from resnetlab.data.records import SampleTable
+from resnetlab.config import DataConfig
+from resnetlab.data.records import DatasetSource, SampleTable
 from resnetlab.errors import DataError
 from resnetlab.utils.io import atomic_write
 
@@ -116,6 +117,13 @@ def plan_splits(splits: dict[str, SampleTable], *, strategy: str, val_fraction: 
     else:
         sources["val"] = "dataset"
     return SplitPlan(train=train, val=val, test=test, strategy=label, sources=sources)
+
+
+
+def plan_data_splits(source: DatasetSource, cfg: DataConfig) -> SplitPlan:
+    """The splits a run's data settings (``data.split``, fractions, ``data.split_seed``) make of ``source``."""
+    return plan_splits(source.splits, strategy=cfg.split, val_fraction=cfg.val_fraction,
+                       test_fraction=cfg.test_fraction, seed=cfg.split_seed, group_kind=source.group_kind)
 
 
 def write_split_manifest(plan: SplitPlan, class_names: list[str], path: Path) -> None:

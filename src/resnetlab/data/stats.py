@@ -30,7 +30,7 @@ from resnetlab.data.pipeline import (
     report_bad_images,
     stats_sample,
 )
-from resnetlab.data.splits import plan_splits
+from resnetlab.data.splits import plan_data_splits
 from resnetlab.utils.io import write_json
 
 
@@ -64,8 +64,7 @@ def compute_dataset_stats(cfg: RunConfig, *, per_class: bool = False, use_cache:
     source = open_dataset(d)
     for note in source.notes:
         log(note)
-    plan = plan_splits(source.splits, strategy=d.split, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
-                       seed=d.split_seed, group_kind=source.group_kind)
+    plan = plan_data_splits(source, d)
     prep = base_preprocessing(cfg)
     in_memory = uses_memory(cfg)
     table = plan.train

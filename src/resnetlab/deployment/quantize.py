@@ -46,7 +46,7 @@ def load_labelled_samples(spec: str | None, meta: dict[str, Any], prep: Preproce
     """
     from resnetlab.config import DataConfig, RunConfig
     from resnetlab.data.datasets import open_dataset_for_model
-    from resnetlab.data.splits import plan_splits
+    from resnetlab.data.splits import plan_data_splits
 
     try:
         saved_data = RunConfig.model_validate(meta["config"]).data.model_dump()
@@ -57,8 +57,7 @@ def load_labelled_samples(spec: str | None, meta: dict[str, Any], prep: Preproce
         raise ResnetlabError("the checkpoint does not record its training data; pass --calibration-data SPEC")
     data_cfg = DataConfig.model_validate({**saved_data, "spec": spec})
     source, mapping = open_dataset_for_model(data_cfg, meta)
-    plan = plan_splits(source.splits, strategy=data_cfg.split, val_fraction=data_cfg.val_fraction,
-                       test_fraction=data_cfg.test_fraction, seed=data_cfg.split_seed, group_kind=source.group_kind)
+    plan = plan_data_splits(source, data_cfg)
     held_out_name = "test" if len(plan.test) else "val"
     rng = np.random.default_rng(seed)
 

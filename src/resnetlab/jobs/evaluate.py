@@ -26,7 +26,7 @@ from resnetlab.data.build import eval_batches_for_table
 from resnetlab.data.datasets import open_dataset_for_model
 from resnetlab.data.preprocessing import Preprocessing, normalize, prepare_image
 from resnetlab.data.records import SampleTable
-from resnetlab.data.splits import plan_splits
+from resnetlab.data.splits import plan_data_splits
 from resnetlab.engine.evaluation_loop import evaluate_loader
 from resnetlab.engine.runtime import Runtime, resolve_runtime
 from resnetlab.errors import ConfigError, DataError
@@ -206,9 +206,7 @@ def evaluate_job(checkpoint: Path, data_spec: str | None, split: str, out_dir: P
             # which a class subset (data.classes) may leave too few tracks for.
             table = source.splits["test"]
         else:
-            plan = plan_splits(source.splits, strategy=data_cfg.split, val_fraction=data_cfg.val_fraction,
-                               test_fraction=data_cfg.test_fraction, seed=data_cfg.split_seed,
-                               group_kind=source.group_kind)
+            plan = plan_data_splits(source, data_cfg)
             table = getattr(plan, split)
         recorded = meta["data"].get("split_fingerprints", {}).get(split)
         if same_dataset and recorded and recorded != table.fingerprint():

@@ -19,7 +19,7 @@ import numpy as np
 from resnetlab.config import RunConfig
 from resnetlab.data.datasets import open_dataset
 from resnetlab.data.records import DatasetSource, SampleTable
-from resnetlab.data.splits import SplitPlan, kfold_indices, plan_splits, use_groups
+from resnetlab.data.splits import SplitPlan, kfold_indices, plan_data_splits, use_groups
 from resnetlab.errors import DataError
 
 
@@ -85,9 +85,7 @@ def build_cross_validation(cfg: RunConfig, n_folds: int, seed: int | None = None
     validated, so every model still learns every class and no group is split (the log says which classes).
     """
     source = open_dataset(cfg.data)
-    data_plan = plan_splits(source.splits, strategy=cfg.data.split, val_fraction=cfg.data.val_fraction,
-                            test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed,
-                            group_kind=source.group_kind)
+    data_plan = plan_data_splits(source, cfg.data)
     table = data_plan.train
     grouped = use_groups(table, cfg.data.split)
     units = table.groups if grouped else np.arange(len(table)).astype(str)
