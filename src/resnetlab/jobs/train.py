@@ -169,8 +169,8 @@ def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, *, 
     if cfg.train.epochs_from_budget and not resume:
         # A resumed run keeps the epochs its first start chose: config.yaml records them.
         cfg = _size_epochs_to_budget(cfg, trainer, out, log, dist)
-        if trainer.writer is not None:
-            trainer.writer.close()
+        if trainer.tensorboard is not None:
+            trainer.tensorboard.close()
         trainer = make_trainer(cfg)
     if resume:
         trainer.resume_from(out / "checkpoints" / "last.pt")
