@@ -17,7 +17,7 @@ from torch import nn
 
 import resnetlab
 from resnetlab.data.preprocessing import Preprocessing
-from resnetlab.errors import CheckpointError
+from resnetlab.errors import CheckpointError, first_line
 from resnetlab.utils.io import torch_save
 
 FORMAT_VERSION = 1
@@ -70,8 +70,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"cannot load checkpoint '{path}': {first[:200]}. Is it a resnetlab checkpoint "
+        raise CheckpointError(f"cannot load checkpoint '{path}': {first_line(err, 200)}. Is it a resnetlab checkpoint "
                               "(checkpoints/best.pt or last.pt of a run)?") from None
     if not isinstance(state, dict) or "meta" not in state or "model" not in state:
         raise CheckpointError(f"'{path}' is not a resnetlab checkpoint (no 'meta' record); "
@@ -93,7 +92,7 @@ def model_from_checkpoint(state: dict[str, Any]) -> tuple[nn.Module, dict[str, A
         model.load_state_dict(state["model"])
     except RuntimeError as err:
         raise CheckpointError(f"checkpoint weights do not fit model '{spec['name']}' with {spec['num_classes']} "
-                              f"classes: {str(err).splitlines()[0]}") from None
+                              f"classes: {first_line(err)}") from None
     return model.eval(), meta
 
 

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from resnetlab.errors import ConfigError
+from resnetlab.errors import ConfigError, first_line
 
 
 class _Section(BaseModel):
@@ -281,7 +281,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"config file '{path}' does not exist") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"config file '{path}' is not valid YAML: {first_line(err)}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping of sections (data:, model:, ...)")
     return tree

@@ -22,7 +22,7 @@ from resnetlab.data.datasets import open_dataset
 from resnetlab.data.preprocessing import Preprocessing, prepare_image
 from resnetlab.data.records import BadImage, DatasetSource, SampleTable
 from resnetlab.data.splits import plan_data_splits
-from resnetlab.errors import DataError
+from resnetlab.errors import DataError, first_line
 from resnetlab.utils.io import atomic_write, write_json
 
 SPLITS = ("train", "val", "test")
@@ -37,7 +37,7 @@ def _header(path: str) -> tuple[int, int, str, str] | str:
     except UnidentifiedImageError:
         return "cannot read image header: not an image file Pillow can read (empty, corrupt or another format)"
     except Exception as err:  # noqa: BLE001 - any failure here is a property of the file, reported as such
-        return f"cannot read image header: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        return f"cannot read image header: {first_line(err)}"
 
 
 def _summary(values: np.ndarray) -> dict[str, float]:

@@ -17,7 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from resnetlab.errors import DataError
+from resnetlab.errors import DataError, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -90,7 +90,7 @@ def _open_rgb(path: str | Path, *, roi=None, roi_crop: bool = True, draft: bool 
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise DataError(f"image '{path}' is too large (over {Image.MAX_IMAGE_PIXELS:,} pixels)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = first_line(err)
         if isinstance(err, UnidentifiedImageError):
             reason = "not an image file Pillow can read (empty, corrupt or another format)"
         raise DataError(f"cannot read image '{path}': {reason}") from None

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from resnetlab.errors import CheckpointError
+from resnetlab.errors import CheckpointError, first_line
 
 BACKENDS = ("torch", "onnxruntime", "torchscript", "aoti")
 
@@ -109,8 +109,7 @@ class OnnxRuntimeBackend(InferenceBackend):
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph/NoSuchFile types
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise CheckpointError(f"ONNX Runtime cannot load '{path}': {first[:300]}") from None
+            raise CheckpointError(f"ONNX Runtime cannot load '{path}': {first_line(err, 300)}") from None
         model_input = self.session.get_inputs()[0]
         self.input_name = model_input.name
         self.output_name = self.session.get_outputs()[0].name
@@ -145,7 +144,7 @@ class TorchScriptBackend(InferenceBackend):
             with quiet_torchscript_warnings():
                 self.module = torch.jit.load(str(path), map_location="cpu").eval()
         except (RuntimeError, ValueError) as err:
-            raise CheckpointError(f"cannot load TorchScript model '{path}': {str(err).splitlines()[0][:300]}") from None
+            raise CheckpointError(f"cannot load TorchScript model '{path}': {first_line(err, 300)}") from None
         self.path = Path(path)
 
     def run(self, batch: torch.Tensor) -> torch.Tensor:
@@ -175,8 +174,7 @@ class AotInductorBackend(InferenceBackend):
                 warnings.simplefilter("ignore")
                 self.runner = torch._inductor.aoti_load_package(str(path))
         except Exception as err:  # a damaged package, or one built for another CPU or torch version
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-            raise CheckpointError(f"cannot load AOTInductor package '{path}': {first}; it runs only with the torch "
+            raise CheckpointError(f"cannot load AOTInductor package '{path}': {first_line(err, 300)}; it runs only with the torch "
                                   "version and on the CPU type it was built for: re-export it here") from None
         self.path = Path(path)
         self.precision = precision

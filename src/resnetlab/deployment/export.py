@@ -120,10 +120,6 @@ def compare_backends(reference: InferenceBackend, candidate: InferenceBackend, x
     )
 
 
-def _one_line(err: BaseException) -> str:
-    return first_line(err, 300)
-
-
 def export_onnx(model: nn.Module, path: Path, input_size: int, *, dynamic_batch: bool, opset: int) -> int:
     """Write ``model`` as ONNX (input ``input`` [batch, 3, S, S] -> output ``logits``); return the opset written."""
     try:
@@ -145,7 +141,7 @@ def export_onnx(model: nn.Module, path: Path, input_size: int, *, dynamic_batch:
     except ExportError:
         raise
     except Exception as err:  # the exporter raises many types; the user needs the first line, not a traceback
-        raise ExportError(f"ONNX export (opset {opset}) failed: {_one_line(err)}") from None
+        raise ExportError(f"ONNX export (opset {opset}) failed: {first_line(err, 300)}") from None
     written = onnx.load(str(path), load_external_data=False)
     return max((entry.version for entry in written.opset_import if entry.domain in ("", "ai.onnx")), default=opset)
 
@@ -159,7 +155,7 @@ def export_torchscript(model: nn.Module, path: Path, input_size: int) -> None:
             frozen = torch.jit.freeze(traced)
             torch.jit.save(frozen, str(path))
     except Exception as err:
-        raise ExportError(f"TorchScript export failed: {_one_line(err)}") from None
+        raise ExportError(f"TorchScript export failed: {first_line(err, 300)}") from None
 
 
 class Bf16Inference(nn.Module):
@@ -204,7 +200,7 @@ def export_aotinductor(model: nn.Module, path: Path, input_size: int, *, precisi
             torch._inductor.aoti_compile_and_package(program, package_path=str(path),
                                                      inductor_configs={"freezing": True})
     except Exception as err:  # inductor raises many types (a missing compiler among them): first line, no traceback
-        raise ExportError(f"AOTInductor export failed: {_one_line(err)} (it compiles C++ code: a C++ compiler "
+        raise ExportError(f"AOTInductor export failed: {first_line(err, 300)} (it compiles C++ code: a C++ compiler "
                           "such as g++ must be installed)") from None
 
 

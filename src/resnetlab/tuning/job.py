@@ -37,7 +37,7 @@ import torch
 from optuna.trial import TrialState
 
 from resnetlab.config import RunConfig, load_yaml
-from resnetlab.errors import ConfigError, ResnetlabError
+from resnetlab.errors import ConfigError, ResnetlabError, first_line
 from resnetlab.tuning.folds import CrossValidation, build_cross_validation
 from resnetlab.tuning.results import (
     best_row, collect_rows, parameter_effects, write_best_json, write_curves_csv, write_effects_csv,
@@ -249,7 +249,7 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, base: RunConfig, space: S
         log(f"trial {trial.number}: {pruned}")
     except (ResnetlabError, torch.OutOfMemoryError) as err:
         # A setting that cannot run (too large a batch, a model that does not fit the input) fails alone.
-        finish_error(study, trial, str(err).splitlines()[0])
+        finish_error(study, trial, first_line(err))
         log(f"trial {trial.number}: failed: {err}")
     except BaseException as err:
         if isinstance(err, Exception):

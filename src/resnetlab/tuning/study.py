@@ -37,7 +37,7 @@ import sqlalchemy.exc
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from resnetlab.errors import ConfigError
+from resnetlab.errors import ConfigError, first_line
 
 #: Seconds between heartbeats of a running trial in an RDB storage, and how long one may be missed before another
 #: worker declares the trial's worker dead (only for workers on other machines: same-machine workers are checked
@@ -112,7 +112,7 @@ def _rdb_storage(url: str, attempts: int = 5) -> RDBStorage:
                           f"({err}); install it (e.g. psycopg2 or pymysql) or use the default SQLite file") from None
     except Exception as err:  # sqlalchemy's OperationalError, ArgumentError ...: a URL or server the user named
         raise ConfigError(f"--storage '{describe_storage(url)}': cannot open it ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0]})") from None
+                          f"{first_line(err)})") from None
 
 
 def describe_storage(spec: Any) -> str:

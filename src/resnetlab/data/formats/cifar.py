@@ -31,7 +31,7 @@ from resnetlab.data.cache import cache_root
 from resnetlab.data.formats._registry import register_format
 from resnetlab.data.formats.folder import find_split_dirs, read_class_folders
 from resnetlab.data.records import DatasetSource, SampleTable
-from resnetlab.errors import DataError
+from resnetlab.errors import DataError, first_line
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -232,7 +232,7 @@ def download_cifar(root: Path, kind: str) -> None:
     try:
         dataset(str(root), train=True, download=True)
     except (OSError, RuntimeError, ValueError) as err:
-        raise DataError(f"could not download {kind} into '{root}': {str(err).splitlines()[0] if str(err) else type(err).__name__}; "
+        raise DataError(f"could not download {kind} into '{root}': {first_line(err)}; "
                         f"check the internet connection, or unpack {dataset.filename} there by hand") from None
 
 

@@ -21,7 +21,7 @@ from resnetlab.config import DataConfig
 from resnetlab.data.formats.common import require_dir
 from resnetlab.data.formats.gtsrb_tables import OFFICIAL_NAME, read_gtsrb_csv, source_from_class_id_tables
 from resnetlab.data.records import BadImage, DatasetSource, SampleTable
-from resnetlab.errors import DataError
+from resnetlab.errors import DataError, first_line
 
 TRAIN_FOLDERS = (("Final_Training", "Images"), ("Training",))
 TEST_FOLDER = ("Final_Test", "Images")
@@ -111,7 +111,7 @@ def download_gtsrb(root: Path) -> Path:
         for split in ("train", "test"):
             GTSRB(str(root), split=split, download=True)
     except (OSError, RuntimeError, ValueError) as err:
-        raise DataError(f"could not download GTSRB into '{root}': {str(err).splitlines()[0] if str(err) else type(err).__name__}; "
+        raise DataError(f"could not download GTSRB into '{root}': {first_line(err)}; "
                         f"check the internet connection, or download the archives by hand from {DOWNLOAD_PAGE} "
                         "and unpack them there") from None
     return require_dir(root, "GTSRB folder")
