@@ -23,7 +23,7 @@ from resnetlab.data.preprocessing import Preprocessing, prepare_image
 from resnetlab.data.records import BadImage, DatasetSource, SampleTable
 from resnetlab.data.splits import plan_data_splits
 from resnetlab.errors import DataError, first_line
-from resnetlab.utils.io import atomic_write, write_json
+from resnetlab.utils.io import atomic_write, write_csv, write_json
 
 SPLITS = ("train", "val", "test")
 SIZE_BINS = (0, 32, 64, 128, 256, 512, 1024)  # shorter side, pixels
@@ -130,12 +130,7 @@ def inspect_dataset(cfg: RunConfig, *, out_dir: Path | None = None, samples_per_
         save_class_grid(source, plan.train, grid, prep, samples_per_class=samples_per_class, seed=d.split_seed)
         result["files"] = {"json": str(out_dir / "inspect.json"), "grid": str(grid)}
         if problems:
-            import csv
-
-            with atomic_write(out_dir / "bad_images.csv", "w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=["split", "path", "reason"])
-                writer.writeheader()
-                writer.writerows(problems)
+            write_csv(out_dir / "bad_images.csv", problems, ["split", "path", "reason"], lineterminator="\r\n")
             result["files"]["bad_images"] = str(out_dir / "bad_images.csv")
     return result
 

@@ -7,7 +7,6 @@ keeps each group whole (scikit-learn's ``StratifiedGroupKFold``) and the log say
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train
 from resnetlab.config import DataConfig
 from resnetlab.data.records import DatasetSource, SampleTable
 from resnetlab.errors import DataError
-from resnetlab.utils.io import atomic_write
+from resnetlab.utils.io import write_csv_rows
 
 
 def use_groups(table: SampleTable, strategy: str) -> bool:
@@ -138,5 +137,5 @@ def write_split_manifest(plan: SplitPlan, class_names: list[str], path: Path) ->
                 roi = "" if table.rois is None or table.rois[i][0] < 0 else " ".join(map(str, table.rois[i].tolist()))
                 yield [name, p, label, class_names[label], group, roi]
 
-    with atomic_write(path, "w", newline="") as handle:
-        csv.writer(handle).writerows(rows())
+    lines = rows()
+    write_csv_rows(path, next(lines), lines, lineterminator="\r\n")

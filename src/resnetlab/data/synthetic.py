@@ -29,7 +29,6 @@ Layout written (as in the Kaggle release of GTSRB, plus a ``Track`` column in ``
 
 from __future__ import annotations
 
-import csv
 import functools
 import json
 import math
@@ -48,6 +47,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from resnetlab.data.cache import cache_root
 from resnetlab.data.gtsrb_classes import GTSRB_CLASS_NAMES
 from resnetlab.errors import ConfigError, DataError
+from resnetlab.utils.io import write_csv_rows
 
 __all__ = [
     "CSV_COLUMNS",
@@ -319,10 +319,7 @@ def _run_jobs(jobs: Sequence[_TrackJob], workers: int) -> Iterable[list[tuple]]:
 
 
 def _write_csv(path: Path, rows: Sequence[tuple]) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(CSV_COLUMNS)
-        writer.writerows(rows)
+    write_csv_rows(path, CSV_COLUMNS, rows)
 
 
 # ----------------------------------------------------------------------------------------------------------------

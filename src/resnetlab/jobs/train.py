@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import itertools
 import os
 import platform
@@ -27,7 +26,7 @@ from resnetlab.engine.runtime import resolve_runtime, seed_everything
 from resnetlab.engine.trainer import Trainer
 from resnetlab.errors import ConfigError
 from resnetlab.jobs.evaluate import deployment_check, evaluate_model_on_batches
-from resnetlab.utils.io import atomic_write, read_json, write_json, write_text
+from resnetlab.utils.io import read_json, write_csv_rows, write_json, write_text
 from resnetlab.utils.runlog import RunLog
 
 
@@ -255,10 +254,7 @@ def _write_bad_images(data: RunData, out: Path) -> None:
     rows = [(split, b.path, b.reason) for split, bad in data.bad.items() for b in bad]
     if not rows:
         return
-    with atomic_write(out / "bad_images.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["split", "path", "reason"])
-        writer.writerows(rows)
+    write_csv_rows(out / "bad_images.csv", ["split", "path", "reason"], rows, lineterminator="\r\n")
 
 
 def _size_epochs_to_budget(cfg: RunConfig, trainer: Trainer, out: Path, log: RunLog,

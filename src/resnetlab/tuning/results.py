@@ -6,7 +6,6 @@ Everything is read from the Optuna storage, not from the trial folders, so the f
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from resnetlab.tuning.study import (
     REFIT_ATTR, STATUS_ATTR, WORKER_ATTR, StudyView, is_crashed, is_skipped, root_number, worker_label,
 )
 from resnetlab.tuning.trial import CURVE_COLUMNS, METRICS, fold_key
-from resnetlab.utils.io import atomic_write, write_json
+from resnetlab.utils.io import write_csv_rows, write_json
 
 STATE_NAMES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
                TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}
@@ -105,34 +104,34 @@ def write_trials_csv(rows: Sequence[TrialRow], space: SearchSpace, n_folds: int,
     fold_columns = [f"fold{i}_{column}" for i in range(n_folds) for column in ("val_top1", "val_loss", "epochs")]
     header = (["rank", "trial", "state", *space.keys, "mean_val_top1", "std_val_top1", "mean_val_loss",
                "std_val_loss", *fold_columns, "seconds", "worker", "folder", "note"])
-    with atomic_write(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
+    def lines():
         for row in rows:
             folds = []
             for i in range(n_folds):
                 folds += [row.fold_value(i, "val_top1"), row.fold_value(i, "val_loss"), row.fold_value(i, "epochs_run")]
             seconds = sum(f.get("seconds") or 0.0 for f in row.folds if f)
-            writer.writerow([_cell(v) for v in (
+            yield [_cell(v) for v in (
                 row.rank, row.number, row.state, *(row.params.get(k) for k in space.keys),
                 row.stats.get("mean_val_top1"), row.stats.get("std_val_top1"), row.stats.get("mean_val_loss"),
                 row.stats.get("std_val_loss"), *folds, round(seconds, 1) if seconds else None, row.worker,
-                row.slot_dir, row.note)])
+                row.slot_dir, row.note)]
+
+    write_csv_rows(path, header, lines(), lineterminator="\r\n")
 
 
 def write_curves_csv(rows: Sequence[TrialRow], path: Path) -> None:
     """Every epoch of every fold of every trial (the learning curves as data), long format."""
-    with atomic_write(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["trial", "fold", *CURVE_COLUMNS])
+    def lines():
         for row in sorted(rows, key=lambda r: r.number):
             for index, fold in enumerate(row.folds):
                 if not fold:
                     continue
                 curve = fold["curve"]
                 for i in range(len(curve["epoch"])):
-                    writer.writerow([row.number, index] + [_cell(int(curve[c][i]) if c == "epoch" else curve[c][i])
-                                                           if c in curve else "" for c in CURVE_COLUMNS])
+                    yield [row.number, index] + [_cell(int(curve[c][i]) if c == "epoch" else curve[c][i])
+                                                 if c in curve else "" for c in CURVE_COLUMNS]
+
+    write_csv_rows(path, ["trial", "fold", *CURVE_COLUMNS], lines(), lineterminator="\r\n")
 
 
 @dataclass
@@ -177,11 +176,8 @@ def parameter_effects(rows: Sequence[TrialRow], space: SearchSpace, metric: str,
 
 
 def write_effects_csv(effects: Sequence[Effect], metric: str, path: Path) -> None:
-    with atomic_write(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["parameter", "value", "trials", f"mean_{metric}", f"best_{metric}"])
-        for e in effects:
-            writer.writerow([e.key, e.value, e.trials, _cell(e.mean), _cell(e.best)])
+    write_csv_rows(path, ["parameter", "value", "trials", f"mean_{metric}", f"best_{metric}"],
+                   ([e.key, e.value, e.trials, _cell(e.mean), _cell(e.best)] for e in effects), lineterminator="\r\n")
 
 
 def write_best_json(study: optuna.Study, rows: Sequence[TrialRow], best_config: dict[str, Any] | None, metric: str,
