@@ -20,7 +20,7 @@ pipelines, which run on the training thread, the report also gives the share of 
 
 from __future__ import annotations
 
-import io
+import dataclasses
 import os
 import platform
 import time
@@ -29,21 +29,19 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image
 
 from resnetlab.config import RunConfig
-from resnetlab.data.augment import (
-    BatchAugment,
-    MirrorSwap,
-    batch_stage,
-    build_file_transform,
-    build_per_image,
-    get_policy,
+from resnetlab.data.augment import MirrorSwap, build_file_transform, get_policy
+from resnetlab.data.build import (
+    SplitData,
+    auto_workers,
+    base_preprocessing,
+    evaluation_batches,
+    training_batches,
+    uses_memory,
 )
-from resnetlab.data.build import auto_workers, base_preprocessing, uses_memory
 from resnetlab.data.datasets import open_dataset
-from resnetlab.data.pipeline import FileBatches, FileImageDataset, TensorBatches
-from resnetlab.data.preprocessing import _to_rgb, pil_to_uint8, resize_to_input
+from resnetlab.data.preprocessing import crop_to_roi, load_image, pil_to_uint8, resize_to_input
 from resnetlab.data.splits import plan_data_splits
 from resnetlab.errors import DataError
 
@@ -129,32 +127,28 @@ def profile_pipeline(cfg: RunConfig, *, files: int = 256, batches: int = 20, tra
     first_step, later_steps = file_transform.transforms[0], file_transform.transforms[1:]
     log(f"timing read, decode and crop on {len(sample)} training files (1 thread)")
 
+    def crop(image, roi):
+        return crop_to_roi(image, roi) if prep.roi_crop else image
+
     read_s = decode_s = crop_s = augment_s = 0.0
     prepared, labels = [], []
     for i in sample.tolist():
         path = table.paths[i]
-        data, seconds = _timed(lambda: open(path, "rb").read())
+        _, seconds = _timed(lambda: open(path, "rb").read())
         read_s += seconds
 
-        def decode(data=data):
-            with Image.open(io.BytesIO(data)) as image:
-                image.load()
-                return _to_rgb(image)
-
-        try:
-            image, seconds = _timed(decode)
-        except (OSError, SyntaxError, ValueError) as err:
-            raise DataError(f"cannot decode '{path}' ({err}); run `resnetlab data inspect` to list bad files") from None
+        roi = None if table.rois is None else table.rois[i]
+        try:  # the pipeline's own decoding (any mode to RGB, upright), with the crop timed on its own below
+            image, seconds = _timed(lambda path=path, roi=roi: load_image(path, roi, roi_crop=False))
+        except DataError as err:
+            raise DataError(f"{err}; run `resnetlab data inspect` to list bad files") from None
         decode_s += seconds
-        if table.rois is not None and prep.roi_crop and table.rois[i][0] >= 0:
-            x1, y1, x2, y2 = (int(v) for v in table.rois[i])
-            image = image.crop((x1, y1, x2 + 1, y2 + 1))
         if in_memory:
-            resized, seconds = _timed(lambda image=image: resize_to_input(image, prep))
+            resized, seconds = _timed(lambda image=image, roi=roi: resize_to_input(crop(image, roi), prep))
             crop_s += seconds
             prepared.append(pil_to_uint8(resized))
         else:
-            cropped, seconds = _timed(lambda image=image: first_step(image))
+            cropped, seconds = _timed(lambda image=image, roi=roi: first_step(crop(image, roi)))
             crop_s += seconds
             if later_steps:
                 tensor, seconds = _timed(lambda cropped=cropped: _compose(later_steps, cropped))
@@ -169,16 +163,15 @@ def profile_pipeline(cfg: RunConfig, *, files: int = 256, batches: int = 20, tra
     images = torch.stack(prepared)
     targets = torch.as_tensor(labels, dtype=torch.int64)
     batch_size = cfg.data.batch_size
-    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)  # timing does not depend on the values
+    # timing does not depend on the normalization's values
+    timing_prep = dataclasses.replace(prep, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
     loader_rate = one_off = None
     if in_memory:
         one_off = 1e6 / sum(s.microseconds_per_image for s in stages)
-        augment = BatchAugment(policy) if (cfg.augment.preset != "none" or policy.erasing) else None
-        per_image = build_per_image(randaugment=cfg.augment.randaugment, trivialaugment=cfg.augment.trivialaugment)
-        stream = TensorBatches(images, targets, batch_size, mean=mean, std=std, augment=augment, per_image=per_image,
-                               mirror=mirror)
-        gather = TensorBatches(images, targets, batch_size, mean=mean, std=std)  # no augmentation: collate alone
+        loaded = SplitData(table.subset(sample), images, targets)
+        stream = training_batches(cfg, loaded, timing_prep, policy, mirror)  # what the run's training draws
+        gather = evaluation_batches(loaded, timing_prep, batch_size)  # no augmentation: collate alone
         full_s, collate_s = 0.0, 0.0
         for _ in range(2):  # warm-up
             stream.transform(images[:batch_size], targets[:batch_size])
@@ -196,8 +189,7 @@ def profile_pipeline(cfg: RunConfig, *, files: int = 256, batches: int = 20, tra
         pipeline = "in-memory"
     else:
         stages.append(Stage("augment", augment_s / n * 1e6, _augment_note(cfg, mirror)))
-        post = FileBatches(FileImageDataset(table.subset([]), prep), batch_size, mean=mean, std=std, shuffle=False,
-                           drop_last=False, num_workers=0, batch_augment=batch_stage(policy), mirror=mirror)
+        post = training_batches(cfg, SplitData(table.subset([])), timing_prep, policy, mirror, workers=0)
         collate_s = 0.0
         for _ in range(batches):
             index = torch.randint(0, len(images), (batch_size,))
@@ -206,7 +198,7 @@ def profile_pipeline(cfg: RunConfig, *, files: int = 256, batches: int = 20, tra
         stages.append(Stage("collate", collate_s / (batches * batch_size) * 1e6, "stack + batch erasing + normalize"))
         per_image_us = sum(s.microseconds_per_image for s in stages)
         workers = cfg.data.num_workers if cfg.data.num_workers is not None else auto_workers()
-        loader_rate = _loader_rate(table, prep, file_transform, batch_size, workers, policy, mirror,
+        loader_rate = _loader_rate(cfg, table, timing_prep, workers, policy, mirror,
                                    max_batches=max(3, min(batches, 10)), log=log)
         pipeline_rate = loader_rate
         pipeline = f"files, {workers} worker(s)" if workers else "files, main process"
@@ -238,13 +230,12 @@ def _augment_note(cfg: RunConfig, mirror: MirrorSwap | None) -> str:
     return " + ".join(parts)
 
 
-def _loader_rate(table, prep, transform, batch_size, workers, policy, mirror, *, max_batches: int, log) -> float:
-    """Images per second delivered through the real DataLoader, timed from the first batch (workers started)."""
+def _loader_rate(cfg: RunConfig, table, prep, workers, policy, mirror, *, max_batches: int, log) -> float:
+    """Images per second delivered through the run's own DataLoader, timed from the first batch (workers started)."""
+    batch_size = cfg.data.batch_size
     needed = min(len(table), batch_size * (max_batches + 1))
     subset = table.subset(np.random.default_rng(1).choice(len(table), size=needed, replace=False))
-    batches = FileBatches(FileImageDataset(subset, prep, transform), batch_size, mean=(0.5,) * 3, std=(0.25,) * 3,
-                          shuffle=False, drop_last=True, num_workers=workers, batch_augment=batch_stage(policy),
-                          mirror=mirror)
+    batches = training_batches(cfg, SplitData(subset), prep, policy, mirror, workers=workers)
     log(f"timing the DataLoader with {workers} worker(s) on {needed} files")
     iterator = iter(batches)
     next(iterator)  # worker start-up and the first batch are not the steady state

@@ -85,25 +85,15 @@ def build_run_data(cfg: RunConfig, *, rank: int = 0, world_size: int = 1, pin_me
     mirror = _mirror_swap(cfg, source, policy, log)
     num_classes = source.num_classes
 
+    splits = {}
+    for name in ("train", "val", "test"):
+        splits[name] = load_split(getattr(plan, name), prep, in_memory=in_memory, on_bad_image=cfg.data.on_bad_image,
+                                  name=name)
+        bad[name] = bad.get(name, []) + splits[name].bad
+        setattr(plan, name, splits[name].table)  # skip mode: the plan's tables follow what can be read
     if in_memory:
-        decoded = {}
-        for name in ("train", "val", "test"):
-            table = getattr(plan, name)
-            decoded[name] = decode_split(table, prep, threads=torch.get_num_threads())
-            report_bad_images(decoded[name].bad, cfg.data.on_bad_image, name)
-            bad[name] = bad.get(name, []) + decoded[name].bad
-            if decoded[name].bad:  # skip mode: the plan's tables follow what was decoded
-                setattr(plan, name, table.subset(decoded[name].kept))
-        mean, std = _normalization(cfg, lambda: channel_stats(decoded["train"].images))
+        mean, std = _normalization(cfg, lambda: channel_stats(splits["train"].images))
     else:
-        for name in ("train", "val", "test"):
-            table = getattr(plan, name)
-            unreadable = check_files_readable(table, threads=max(2, torch.get_num_threads()))
-            report_bad_images(unreadable, cfg.data.on_bad_image, name)
-            bad[name] = bad.get(name, []) + unreadable
-            if unreadable:
-                broken = {b.path for b in unreadable}
-                setattr(plan, name, table.subset([i for i, p in enumerate(table.paths) if p not in broken]))
         mean, std = _normalization(cfg, lambda: file_stats(plan.train, prep, seed=cfg.data.split_seed))
     prep = Preprocessing(**{**prep.__dict__, "mean": tuple(mean), "std": tuple(std)})
     log(f"normalization ({cfg.data.normalize}): mean {list(prep.mean)}, std {list(prep.std)}")
@@ -117,29 +107,78 @@ def build_run_data(cfg: RunConfig, *, rank: int = 0, world_size: int = 1, pin_me
     if cfg.data.sampler == "weighted":
         weights = torch.as_tensor(1.0 / train_counts[plan.train.labels], dtype=torch.double)
 
-    batch, eval_batch = cfg.data.batch_size, cfg.data.eval_batch_size
-    if in_memory:
-        augment = None if cfg.augment.preset == "none" and not policy.erasing else BatchAugment(policy)
-        per_image = build_per_image(randaugment=cfg.augment.randaugment, trivialaugment=cfg.augment.trivialaugment)
-        common = dict(mean=prep.mean, std=prep.std, rank=rank, world_size=world_size)
-        train = TensorBatches(decoded["train"].images, decoded["train"].labels, batch, shuffle=True,
-                              drop_last=len(plan.train) > batch, augment=augment, sample_weights=weights,
-                              per_image=per_image, mirror=mirror, **common)
-        val = TensorBatches(decoded["val"].images, decoded["val"].labels, eval_batch, **common)
-        test = TensorBatches(decoded["test"].images, decoded["test"].labels, eval_batch, **common)
-    else:
-        workers = cfg.data.num_workers if cfg.data.num_workers is not None else auto_workers()
-        transform = build_file_transform(policy, prep.input_size, randaugment=cfg.augment.randaugment,
-                                         trivialaugment=cfg.augment.trivialaugment)
-        common = dict(mean=prep.mean, std=prep.std, num_workers=workers, pin_memory=pin_memory, rank=rank,
-                      world_size=world_size, seed=cfg.train.seed)
-        train = FileBatches(FileImageDataset(plan.train, prep, transform, seed=cfg.train.seed), batch, shuffle=True,
-                            drop_last=len(plan.train) > batch, sample_weights=weights,
-                            batch_augment=batch_stage(policy), mirror=mirror, **common)
-        val = FileBatches(FileImageDataset(plan.val, prep), eval_batch, shuffle=False, drop_last=False, **common)
-        test = FileBatches(FileImageDataset(plan.test, prep), eval_batch, shuffle=False, drop_last=False, **common)
+    workers = None if in_memory else (cfg.data.num_workers if cfg.data.num_workers is not None else auto_workers())
+    train = training_batches(cfg, splits["train"], prep, policy, mirror, sample_weights=weights, rank=rank,
+                             world_size=world_size, pin_memory=pin_memory, workers=workers)
+    val, test = (evaluation_batches(splits[name], prep, cfg.data.eval_batch_size, rank=rank, world_size=world_size,
+                                    pin_memory=pin_memory, workers=workers, seed=cfg.train.seed)
+                 for name in ("val", "test"))
     return RunData(source=source, plan=plan, prep=prep, train=train, val=val, test=test,
                    train_counts=train_counts, in_memory=in_memory, bad=bad)
+
+
+@dataclass
+class SplitData:
+    """One split as the pipeline holds it: its table without the unreadable files, and in memory its decoded
+    images (uint8) and labels."""
+
+    table: SampleTable
+    images: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    bad: list[BadImage] = field(default_factory=list)
+
+
+def load_split(table: SampleTable, prep: Preprocessing, *, in_memory: bool, on_bad_image: str,
+               name: str) -> SplitData:
+    """A split made ready for batching in one call: decoded into memory (cached) or its files checked, the
+    unreadable ones reported by ``on_bad_image`` (stop, or skip and list) and left out."""
+    threads = torch.get_num_threads()
+    if in_memory:
+        decoded = decode_split(table, prep, threads=threads)
+        report_bad_images(decoded.bad, on_bad_image, name)
+        return SplitData(table.subset(decoded.kept) if decoded.bad else table, decoded.images, decoded.labels,
+                         decoded.bad)
+    unreadable = check_files_readable(table, threads=max(2, threads))
+    report_bad_images(unreadable, on_bad_image, name)
+    if unreadable:
+        broken = {b.path for b in unreadable}
+        table = table.subset([i for i, p in enumerate(table.paths) if p not in broken])
+    return SplitData(table, bad=unreadable)
+
+
+def training_batches(cfg: RunConfig, split: SplitData, prep: Preprocessing, policy, mirror: MirrorSwap | None, *,
+                     sample_weights: torch.Tensor | None = None, rank: int = 0, world_size: int = 1,
+                     pin_memory: bool = False, workers: int | None = None) -> TensorBatches | FileBatches:
+    """The training batches of a split, augmented as ``cfg`` says: in memory per batch, from files per image in
+    ``workers`` DataLoader workers (default: ``data.num_workers``, else one per core up to 8)."""
+    batch = cfg.data.batch_size
+    drop_last = len(split.table) > batch
+    if split.images is not None:
+        augment = None if cfg.augment.preset == "none" and not policy.erasing else BatchAugment(policy)
+        per_image = build_per_image(randaugment=cfg.augment.randaugment, trivialaugment=cfg.augment.trivialaugment)
+        return TensorBatches(split.images, split.labels, batch, shuffle=True, drop_last=drop_last, augment=augment,
+                             sample_weights=sample_weights, per_image=per_image, mirror=mirror, mean=prep.mean,
+                             std=prep.std, rank=rank, world_size=world_size)
+    if workers is None:
+        workers = cfg.data.num_workers if cfg.data.num_workers is not None else auto_workers()
+    transform = build_file_transform(policy, prep.input_size, randaugment=cfg.augment.randaugment,
+                                     trivialaugment=cfg.augment.trivialaugment)
+    return FileBatches(FileImageDataset(split.table, prep, transform, seed=cfg.train.seed), batch, shuffle=True,
+                       drop_last=drop_last, sample_weights=sample_weights, batch_augment=batch_stage(policy),
+                       mirror=mirror, mean=prep.mean, std=prep.std, num_workers=workers, pin_memory=pin_memory,
+                       rank=rank, world_size=world_size, seed=cfg.train.seed)
+
+
+def evaluation_batches(split: SplitData, prep: Preprocessing, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                       pin_memory: bool = False, workers: int | None = None,
+                       seed: int = 0) -> TensorBatches | FileBatches:
+    """The batches of a split as evaluation sees it: in order, every image, no augmentation."""
+    if split.images is not None:
+        return TensorBatches(split.images, split.labels, batch_size, mean=prep.mean, std=prep.std, rank=rank,
+                             world_size=world_size)
+    return FileBatches(FileImageDataset(split.table, prep), batch_size, shuffle=False, drop_last=False,
+                       mean=prep.mean, std=prep.std, num_workers=auto_workers() if workers is None else workers,
+                       pin_memory=pin_memory, rank=rank, world_size=world_size, seed=seed)
 
 
 def _mirror_swap(cfg: RunConfig, source: DatasetSource, policy, log: Callable[[str], None]) -> MirrorSwap | None:
@@ -173,15 +212,6 @@ def _normalization(cfg: RunConfig, compute: Callable[[], tuple]) -> tuple[tuple[
 def eval_batches_for_table(table: SampleTable, prep: Preprocessing, batch_size: int, *, on_bad_image: str = "error",
                            split: str = "eval") -> tuple[TensorBatches | FileBatches, SampleTable]:
     """Evaluation batches for any table with a recorded preprocessing (used by `evaluate` on new data)."""
-    if prep.input_size <= IN_MEMORY_MAX_SIZE:
-        decoded = decode_split(table, prep, threads=torch.get_num_threads())
-        report_bad_images(decoded.bad, on_bad_image, split)
-        return (TensorBatches(decoded.images, decoded.labels, batch_size, mean=prep.mean, std=prep.std),
-                table.subset(decoded.kept))
-    bad = check_files_readable(table)
-    report_bad_images(bad, on_bad_image, split)
-    if bad:
-        broken = {b.path for b in bad}
-        table = table.subset([i for i, p in enumerate(table.paths) if p not in broken])
-    return (FileBatches(FileImageDataset(table, prep), batch_size, mean=prep.mean, std=prep.std, shuffle=False,
-                        drop_last=False, num_workers=auto_workers()), table)
+    loaded = load_split(table, prep, in_memory=prep.input_size <= IN_MEMORY_MAX_SIZE, on_bad_image=on_bad_image,
+                        name=split)
+    return evaluation_batches(loaded, prep, batch_size), loaded.table

@@ -94,7 +94,12 @@ def _open_rgb(path: str | Path, *, roi=None, roi_crop: bool = True, draft: bool 
         if isinstance(err, UnidentifiedImageError):
             reason = "not an image file Pillow can read (empty, corrupt or another format)"
         raise DataError(f"cannot read image '{path}': {reason}") from None
-    if roi_crop and roi is not None and int(roi[0]) >= 0:
+    return crop_to_roi(image, roi) if roi_crop else image
+
+
+def crop_to_roi(image: Image.Image, roi) -> Image.Image:
+    """The image cropped to its ROI box (inclusive corners, clipped to the image); unchanged without a box."""
+    if roi is not None and int(roi[0]) >= 0:
         x1, y1, x2, y2 = (int(v) for v in roi)
         x1, y1 = max(0, x1), max(0, y1)
         x2, y2 = min(image.width - 1, x2), min(image.height - 1, y2)
