@@ -9,9 +9,9 @@ normalization and softmax, as a real prediction does:
 How, and why so:
 
 * **One process per variant.** Each backend keeps its own thread pool (OpenMP for torch, ONNX Runtime's own), and
-  idle pools keep spinning for a while after each call. On a 2-core machine two pools in one process steal each
-  other's cores: measured that way, eager ResNet-20 at batch 1 took 6.0 ms right after ONNX Runtime calls and 2.6 ms
-  alone. So each variant lives in its own worker process, as it would in deployment.
+  idle pools keep spinning for a while after each call. On a machine with few cores two pools in one process steal
+  each other's cores, and a variant measured right after another's calls runs at a fraction of its speed alone. So
+  each variant lives in its own worker process, as it would in deployment.
 * **Interleaved rounds.** The machines we run on are shared and noisy, so the workers take turns: in each round every
   worker does its share of latency calls and one throughput measurement while the others wait (blocked, their
   threads asleep after a short pause). Load from elsewhere then hits all variants alike, and the ratios to plain

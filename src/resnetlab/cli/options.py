@@ -36,7 +36,7 @@ def run_flags(*, data: str | None, batch_size: int | None, model: str | None, ep
 
 PRECISION_HELP = ("auto (the default: float32 ONNX Runtime for small models, equal to evaluation to 1e-4; a bf16 "
                   "AOTInductor package for models of 1 GMAC or more per image on CPUs with bf16 instructions, "
-                  "e.g. resnet50 at 224: 5.8x eager float32), float32, or bf16 (confidences differ from float32 by "
+                  "where it is the faster path), float32, or bf16 (confidences differ from float32 by "
                   "up to a few hundredths)")
 BACKEND_HELP = ("auto (ONNX Runtime in float32, an AOTInductor package in bf16; a checkpoint is exported once into "
                 "the cache), torch, onnxruntime, torchscript or aoti")

@@ -4,8 +4,8 @@
   large images (photos, 224 px), where decoding dominates anyway.
 * :class:`BatchAugment` -- the same preset on a whole uint8 batch already in memory, with *per-sample* random
   parameters. ``transforms.v2`` draws one set of parameters per call, so on a batch every image would get the same
-  crop; and per-image PIL work every epoch is what makes CPU pipelines slow for 32-64 px data (see
-  ``../shared/cpu-perf.md``: ~3k img/s per core with PIL versus >50k img/s batched). airbench does the same.
+  crop; and per-image PIL work every epoch is what makes CPU pipelines slow for 32-64 px data (batched tensor work
+  is an order of magnitude faster per image; ``docs/benchmarks.md``). airbench does the same.
 
 Presets (each mirrors a published recipe):
 
@@ -26,9 +26,8 @@ GTSRB's turn left/right ahead and keep left/right, and give them the partner's l
 RandAugment and TrivialAugment (``augment.randaugment`` / ``augment.trivialaugment``) are torchvision's v2
 transforms in both pipelines: per image on the PIL image in DataLoader workers, and per image on the uint8 tensors
 in memory (:class:`PerImage`: one random draw per image, as torchvision intends). That Python loop is the one
-per-image cost left in the in-memory path: about 0.35-0.6 ms per 32 px image on one core of the shared 2-core
-development machine (2026-11, loaded), i.e. it turns a ~40x pipeline margin over a ResNet-20 step into ~6x;
-``resnetlab data profile ... augment.randaugment=true`` measures it for a recipe. Differences that remain between the two pipelines: in memory, crops and
+per-image cost left in the in-memory path, and it takes a large share of the pipeline's margin over a small model's
+training step; ``resnetlab data profile ... augment.randaugment=true`` measures it for a recipe. Differences that remain between the two pipelines: in memory, crops and
 RandomResizedCrop work on the image already resized to the input size (file pipelines crop the full-resolution
 file), and RandAugment runs before the preset's geometry instead of after it.
 """

@@ -5,12 +5,12 @@ shared code), so two backends given the same tensor can be compared number for n
 
 =============  ===================================================================================================
 torch          the eager model rebuilt from a checkpoint; optionally bf16 autocast, channels_last, torch.compile
-onnxruntime    an ONNX export on ONNX Runtime's CPU provider (the default path for small models: about 5x faster than
-               eager float32 at batch 1 for ResNet-20 on our 2-core CPU, see docs/benchmarks.md)
+onnxruntime    an ONNX export on ONNX Runtime's CPU provider (the default path for small models, where it is the
+               fastest at batch 1; see docs/benchmarks.md)
 torchscript    a traced and frozen TorchScript export
 aoti           an AOTInductor package (``torch._inductor.aoti_compile_and_package``): the model compiled ahead of time
                to a shared library, weights frozen in; in bf16 the fastest backend for large models on CPUs with bf16
-               instructions (resnet50 at 224: about 5x eager float32 here), in float32 about as fast as ONNX Runtime
+               instructions, in float32 about as fast as ONNX Runtime
 =============  ===================================================================================================
 """
 
@@ -51,8 +51,8 @@ class TorchBackend(InferenceBackend):
     """An eager (or compiled) torch model.
 
     ``precision="bf16"`` runs under CPU/GPU autocast; ``channels_last`` converts model and input; ``compile`` wraps
-    the model in ``torch.compile`` with inductor's weight freezing (constant-folded weights, the fastest inductor
-    inference mode in ``shared/cpu-perf.md``). Each new batch size compiles once (``dynamic=False``).
+    the model in ``torch.compile`` with inductor's weight freezing (constant-folded weights: the fastest inductor
+    inference mode we measured). Each new batch size compiles once (``dynamic=False``).
     """
 
     name = "torch"
@@ -76,7 +76,7 @@ class TorchBackend(InferenceBackend):
         return contextlib.nullcontext()
 
     def run(self, batch: torch.Tensor) -> torch.Tensor:
-        # no_grad rather than inference_mode: inference_mode made NCHW float32 ResNet-20 slower at batch 1 (cpu-perf.md)
+        # no_grad rather than inference_mode: inference_mode made NCHW float32 ResNet-20 slower at batch 1
         with torch.no_grad(), self._autocast():
             x = batch.to(self.device)
             if self.channels_last:
@@ -205,8 +205,8 @@ def onnxruntime_available() -> bool:
 def preferred_batch(input_size: int) -> int:
     """Images per backend call: about 8 at 224 px, more for smaller inputs.
 
-    On our CPUs float32 ResNets at 224 px run faster in batches of about 8 than 32 (activations of larger batches
-    overflow the caches, ``shared/cpu-perf.md``); at 32 px a batch of 8 * 49 images has the same activation size.
+    Float32 ResNets at 224 px run faster on CPUs in batches of about 8 than of 32 (the activations of larger batches
+    overflow the caches); at 32 px a batch of 8 * 49 images has the same activation size.
     """
     return max(1, min(256, (8 * 224 * 224) // (input_size * input_size)))
 

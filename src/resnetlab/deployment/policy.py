@@ -1,10 +1,10 @@
 """The precision the default deployment path runs a checkpoint in, on this machine.
 
-Measured on our 2-core Zen 5 CPU (``docs/benchmarks.md``): for ResNet-20 at 32 px (0.04 GMAC per image) ONNX Runtime
-in float32 answers one image in 0.3 ms, 2.7x faster than the bf16 AOTInductor package; for resnet50 at 224 px
-(4.1 GMAC) the bf16 package is the faster in latency and runs 1.7x the batch throughput of ONNX Runtime float32
-(5.8x plain eager float32), which no float32 path can reach: the float32 default ran at 91% of the CPU's float32
-peak. resnet18 at 224 px (1.8 GMAC) showed the same in ``shared/cpu-perf.md`` (compiled bf16 211 img/s against 132).
+Why the choice depends on the model's size (the measurements are in ``docs/benchmarks.md``): for a small model such
+as ResNet-20 at 32 px (0.04 GMAC per image) per-call overheads dominate, and ONNX Runtime in float32 answers faster
+than the bf16 AOTInductor package; for large ones such as resnet50 at 224 px (4.1 GMAC) the convolutions dominate,
+and the bf16 package is faster in latency and throughput than any float32 path, which already runs close to the
+CPU's float32 peak.
 
 So ``precision="auto"`` (the default of ``predict`` and ``serve``) picks bf16 for a model of at least
 :data:`BF16_MIN_GMACS` per image, where the convolutions dominate, on a CPU with bf16 matrix instructions and a C++

@@ -8,8 +8,8 @@ service agree to the export's parity tolerance.
 
 The default (backend and precision ``auto``) is the fastest path for the model on this machine
 (:mod:`resnetlab.deployment.policy`): float32 ONNX Runtime for small models, which keeps parity with evaluation to
-1e-4, and a bf16 AOTInductor package for large ones on CPUs with bf16 instructions (resnet50 at 224: 5.8x eager
-float32 here, against 3.4x for ONNX Runtime). A checkpoint is exported on first use (parity-checked like
+1e-4, and a bf16 AOTInductor package for large ones on CPUs with bf16 instructions, where it is faster than any
+float32 path (figures: ``docs/benchmarks.md``). A checkpoint is exported on first use (parity-checked like
 ``resnetlab export``) into a cache folder keyed by the checkpoint's hash; if that fails, prediction falls back (bf16
 to float32, ONNX Runtime to eager torch) and says so. ``precision="float32"`` or ``"bf16"`` overrides the choice.
 """
@@ -138,9 +138,9 @@ class Predictor:
         """One torch thread around a call whose model runs on another runtime's thread pool.
 
         The normalization and softmax are light, but with torch's default of one OpenMP thread per core their worker
-        threads and ONNX Runtime's spin on the same cores and slow each other down: ResNet-20 at batch 32 ran at
-        about 1,800 images/s through this class against 4,300 for the bare ONNX Runtime session, and at 4,500 with
-        torch on one thread (``docs/benchmarks.md``).
+        threads and ONNX Runtime's spin on the same cores and slow each other down: with torch on one thread this
+        class runs as fast as the bare ONNX Runtime session, and at less than half its rate without
+        (``docs/benchmarks.md``).
         """
         if self.backend.uses_torch_threads:
             return contextlib.nullcontext()
@@ -201,8 +201,8 @@ def load_predictor(source: str | Path, *, backend: str = "auto", threads: int | 
     precision: ``auto`` (with backend ``auto``, the choice of :func:`~resnetlab.deployment.policy.choose_precision`
         for this checkpoint on this machine: float32 for small models, bf16 for large ones on CPUs with bf16
         instructions; an explicit backend runs float32), ``float32`` (parity with evaluation to 1e-4 on every
-        backend) or ``bf16``: a bf16 AOTInductor package (resnet50 at 224: 5.8x eager float32 throughput here;
-        ``--backend torch``: eager bf16 autocast), with confidences that differ from float32 by up to a few
+        backend) or ``bf16``: a bf16 AOTInductor package (the fastest path for large models on CPUs with bf16
+        instructions; ``--backend torch``: eager bf16 autocast), with confidences that differ from float32 by up to a few
         hundredths on uncertain images (measured on gtsrb-dev and imagenette-dev). An export runs in the precision
         it was made in.
     """

@@ -1,8 +1,8 @@
 """Device, precision, memory format, threads and seeding: the fastest correct path, chosen automatically and logged.
 
-On the CPUs we measured (``../shared/cpu-perf.md``), bf16 autocast with channels_last trains ResNets 1.6-2.5x faster
-than float32 NCHW, while fp16 on CPU has no fast kernels at all (2.8 GFLOP/s). So ``precision=auto`` picks bf16 where
-the CPU (avx512_bf16 / AMX) or GPU supports it, and never fp16 on CPU.
+On CPUs with bf16 matrix instructions, bf16 autocast with channels_last trains ResNets faster than float32 NCHW, while
+fp16 on CPU has no fast kernels at all (figures: ``docs/benchmarks.md``). So ``precision=auto`` picks bf16 where the
+CPU (avx512_bf16 / AMX, :mod:`resnetlab.hardware`) or GPU supports it, and never fp16 on CPU.
 """
 
 from __future__ import annotations
