@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from resnetlab.errors import ConfigError, first_line
 
@@ -160,6 +160,18 @@ class TrainConfig(_Section):
         1, ge=1, description="Also keep the k best epochs as checkpoints/top_epoch_N.pt (1: best.pt only)"
     )
     sync_bn: bool = Field(False, description="SyncBatchNorm across processes in torchrun runs (CUDA only)")
+
+    # Settings that contradict each other fail when the config is built, before a run starts. ConfigError is not a
+    # ValueError, so pydantic lets it through with its own message.
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.epochs_from_budget and not self.time_budget:
+            raise ConfigError("train.epochs_from_budget sizes the epochs to train.time_budget, which is not set; give "
+                              "train.time_budget=MINUTES or drop train.epochs_from_budget")
+        if self.keep == "last" and self.early_stopping_patience:
+            raise ConfigError("train.keep=last keeps the last epoch, so early stopping (train.early_stopping_patience) "
+                              "would only cut the schedule short; use one or the other")
+        return self
 
 
 class EvalConfig(_Section):

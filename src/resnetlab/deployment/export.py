@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, model_validator
 from torch import nn
 
 from resnetlab.data.preprocessing import Preprocessing, normalize
@@ -67,6 +68,33 @@ DEFAULT_PARITY_BATCH = 8
 MAX_DYNAMIC_BATCH = 4096
 FORMATS = ("onnx", "torchscript", "aoti")
 EXPORT_PRECISIONS = ("float32", "bf16")
+
+
+class ExportOptions(BaseModel):
+    """The choices of one export that must fit together; a combination that cannot work fails when this is built
+    (ExportError is not a ValueError, so pydantic lets it through with its own message)."""
+
+    fmt: str = "onnx"
+    precision: str = "float32"
+    quantize: str | None = None
+    parity_batch: int = DEFAULT_PARITY_BATCH
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExportOptions:
+        if self.fmt not in FORMATS:
+            raise ExportError(f"--format '{self.fmt}': choose one of {', '.join(FORMATS)}")
+        if self.precision not in EXPORT_PRECISIONS:
+            raise ExportError(f"--precision '{self.precision}': choose float32 or bf16")
+        if self.precision == "bf16" and self.fmt != "aoti":
+            raise ExportError("--precision bf16 needs --format aoti (an AOTInductor package): ONNX Runtime and "
+                              "TorchScript have no fast bf16 convolutions on CPUs")
+        if self.quantize not in (None, "int8"):
+            raise ExportError(f"--quantize '{self.quantize}': the only quantization is int8")
+        if self.quantize and self.fmt != "onnx":
+            raise ExportError("--quantize int8 works on ONNX exports (through ONNX Runtime); use --format onnx")
+        if self.parity_batch < 2:
+            raise ExportError(f"--parity-batch {self.parity_batch}: use 2 or more (batch 1 is always checked)")
+        return self
 
 
 @dataclass
@@ -226,21 +254,9 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, fmt: str =
     """
     from resnetlab.checkpoint import load_checkpoint, model_from_checkpoint, preprocessing_from_meta
 
-    if fmt not in FORMATS:
-        raise ExportError(f"--format '{fmt}': choose one of {', '.join(FORMATS)}")
-    if precision not in EXPORT_PRECISIONS:
-        raise ExportError(f"--precision '{precision}': choose float32 or bf16")
-    if precision == "bf16" and fmt != "aoti":
-        raise ExportError("--precision bf16 needs --format aoti (an AOTInductor package): ONNX Runtime and "
-                          "TorchScript have no fast bf16 convolutions on CPUs")
+    ExportOptions(fmt=fmt, precision=precision, quantize=quantize, parity_batch=parity_batch)
     if atol is None:
         atol = PARITY_ATOL_BF16 if precision == "bf16" else PARITY_ATOL
-    if quantize not in (None, "int8"):
-        raise ExportError(f"--quantize '{quantize}': the only quantization is int8")
-    if quantize and fmt != "onnx":
-        raise ExportError("--quantize int8 works on ONNX exports (through ONNX Runtime); use --format onnx")
-    if parity_batch < 2:
-        raise ExportError(f"--parity-batch {parity_batch}: use 2 or more (batch 1 is always checked)")
     checkpoint_file = checkpoint_file_of(checkpoint)
     model, meta = model_from_checkpoint(load_checkpoint(checkpoint_file))
     prep = preprocessing_from_meta(meta)

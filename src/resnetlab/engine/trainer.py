@@ -119,9 +119,6 @@ class Trainer:
         if not self.has_val and (t.early_stopping_patience or cfg.schedule.name == "plateau"):
             raise ConfigError("early stopping and the plateau schedule monitor the validation split, but "
                               "data.val_fraction=0 leaves none; give a validation fraction or drop them")
-        if t.keep == "last" and t.early_stopping_patience:
-            raise ConfigError("train.keep=last keeps the last epoch, so early stopping (train.early_stopping_patience) "
-                              "would only cut the schedule short; use one or the other")
         self.base_optimizer = create_optimizer(model, cfg.optim)
         self.optimizer = wrap_optimizer(self.base_optimizer, cfg.optim)
         self.perturbation = self.optimizer if isinstance(self.optimizer, GradientPerturbation) else None

@@ -116,9 +116,6 @@ def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, *, 
     from resnetlab.models import resolve_model_name
 
     resolve_model_name(cfg.model.name)
-    if cfg.train.epochs_from_budget and not cfg.train.time_budget:
-        raise ConfigError("train.epochs_from_budget sizes the epochs to train.time_budget, which is not set; give "
-                          "train.time_budget=MINUTES or drop train.epochs_from_budget")
     data_cfg = per_rank_config(cfg, dist.world_size)
     source = source or open_dataset(cfg.data)
     runtime = resolve_runtime(cfg.train, local_rank=dist.local_rank if dist.enabled else None)

@@ -73,6 +73,26 @@ class TuneOptions:
     sampler_seed: int | None = None
     command: str | None = None  # the command line, for the report
 
+    def __post_init__(self) -> None:
+        """Options that contradict each other fail here, when they are built (the search space is checked against
+        them in :func:`tune_job`)."""
+        if self.metric not in METRICS:
+            raise ConfigError(f"--metric '{self.metric}': choose one of {', '.join(METRICS)}")
+        if self.folds < 2:
+            raise ConfigError(f"--folds {self.folds}: k-fold cross-validation needs at least 2 folds")
+        if self.search == "grid":
+            if self.n_trials is not None:
+                raise ConfigError("--trials is for --search optuna; a grid runs every combination once")
+        elif self.search == "optuna":
+            if not self.n_trials or self.n_trials < 1:
+                raise ConfigError("--search optuna needs --trials N (the number of settings to try)")
+        else:
+            raise ConfigError(f"--search '{self.search}': choose grid or optuna")
+        if self.pruner not in ("auto", "median", "none"):
+            raise ConfigError(f"--pruner '{self.pruner}': choose auto, median or none")
+        if self.trial_budget is not None and self.trial_budget <= 0:
+            raise ConfigError(f"--trial-budget {self.trial_budget}: give minutes above 0")
+
 
 @dataclass
 class TuneOutcome:
@@ -99,28 +119,13 @@ def tune_job(base: RunConfig, space: SearchSpace, options: TuneOptions) -> TuneO
 
 
 def _check_options(space: SearchSpace, options: TuneOptions) -> None:
+    """What the options (checked when built) ask of the search space."""
     if not space:
         raise ConfigError("nothing to search: give --grid KEY=V1,V2 ... or --space FILE.yaml")
-    if options.metric not in METRICS:
-        raise ConfigError(f"--metric '{options.metric}': choose one of {', '.join(METRICS)}")
-    if options.folds < 2:
-        raise ConfigError(f"--folds {options.folds}: k-fold cross-validation needs at least 2 folds")
-    if options.search == "grid":
-        if not space.is_grid():
-            ranges = [k for k, p in space.params.items() if p.kind != "categorical"]
-            raise ConfigError(f"--search grid takes lists of values, but {', '.join(ranges)} is a range; "
-                              "use --search optuna --trials N for ranges")
-        if options.n_trials is not None:
-            raise ConfigError("--trials is for --search optuna; a grid runs every combination once")
-    elif options.search == "optuna":
-        if not options.n_trials or options.n_trials < 1:
-            raise ConfigError("--search optuna needs --trials N (the number of settings to try)")
-    else:
-        raise ConfigError(f"--search '{options.search}': choose grid or optuna")
-    if options.pruner not in ("auto", "median", "none"):
-        raise ConfigError(f"--pruner '{options.pruner}': choose auto, median or none")
-    if options.trial_budget is not None and options.trial_budget <= 0:
-        raise ConfigError(f"--trial-budget {options.trial_budget}: give minutes above 0")
+    if options.search == "grid" and not space.is_grid():
+        ranges = [k for k, p in space.params.items() if p.kind != "categorical"]
+        raise ConfigError(f"--search grid takes lists of values, but {', '.join(ranges)} is a range; "
+                          "use --search optuna --trials N for ranges")
 
 
 def _discard_previous(out: Path, options: TuneOptions) -> None:
