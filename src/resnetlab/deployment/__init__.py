@@ -1,4 +1,4 @@
-"""Deployment: prediction, export (ONNX, TorchScript, int8), the HTTP service and inference benchmarks.
+"""Deployment: prediction, export (ONNX, TorchScript, AOTInductor, int8), the export cache and the HTTP service.
 
 Every path from an image to a class goes through one :class:`~resnetlab.deployment.predictor.Predictor`, whose
 preprocessing is the record stored in the checkpoint (or copied into an export's ``preprocessing.json``) and applied
