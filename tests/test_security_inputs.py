@@ -103,3 +103,197 @@ def test_published_style_batches_still_load(tmp_path):
             pickle.dump(batch, handle, protocol=5)
     again = open_dataset(DataConfig(spec=f"cifar10:{resaved}"))
     assert again.splits["train"].labels.tolist() == source.splits["train"].labels.tolist()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Malformed checkpoints and export records: one line naming the file and the field, in every command
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _good_state(classes=("stop", "yield", "priority")) -> dict:
+    """What training writes, for a small model built here (no training needed to test reading it)."""
+    from resnetlab.config import RunConfig
+    from resnetlab.data.preprocessing import Preprocessing
+    from resnetlab.engine.checkpoint import build_meta
+    from resnetlab.models import create_model
+
+    model = create_model("simple_cnn", len(classes))
+    meta = build_meta(model_name="simple_cnn", model_kwargs={}, class_ids=list(range(len(classes))),
+                      class_names=list(classes), prep=Preprocessing(input_size=32), config=RunConfig().to_dict(),
+                      data={"spec": "synthetic-signs", "fingerprint": "0123456789abcdef",
+                            "split_fingerprints": {"test": "fedcba9876543210"}},
+                      epoch=1, monitor="val_top1", best_metric=0.5)
+    return {"model": model.state_dict(), "meta": meta}
+
+
+def _save(path, state):
+    import torch
+
+    torch.save(state, path)
+    return path
+
+
+def _without(tree: dict, dotted: str) -> dict:
+    import copy
+
+    tree = copy.deepcopy(tree)
+    *parents, last = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node[part]
+    del node[last]
+    return tree
+
+
+def _with(tree: dict, dotted: str, value) -> dict:
+    import copy
+
+    tree = copy.deepcopy(tree)
+    *parents, last = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node[part]
+    node[last] = value
+    return tree
+
+
+MALFORMED_META = {
+    # name: (how the meta is spoiled, the field the message must name)
+    "input_size missing": (lambda meta: _without(meta, "preprocessing.input_size"), "meta.preprocessing.input_size is missing"),
+    "num_classes a string": (lambda meta: _with(meta, "model.num_classes", "three"), "meta.model.num_classes"),
+    "meta a list": (lambda meta: [1, 2, 3], "meta is a list"),
+    "meta a string": (lambda meta: "meta", "meta is a str"),
+    "classes not a record": (lambda meta: _with(meta, "classes", ["a", "b", "c"]), "meta.classes"),
+    "mean of two numbers": (lambda meta: _with(meta, "preprocessing.mean", [0.5, 0.5]), "meta.preprocessing.mean"),
+    "preprocessing with a wrong field type": (lambda meta: _with(meta, "preprocessing.resize", 7), "meta.preprocessing.resize"),
+    "preprocessing a list": (lambda meta: _with(meta, "preprocessing", [32, "squash"]), "meta.preprocessing"),
+    "config missing": (lambda meta: _without(meta, "config"), "meta.config is missing"),
+    "config with a bad value": (lambda meta: _with(meta, "config", {"data": {"batch_size": "many"}}), "meta.config"),
+    "data fingerprint missing": (lambda meta: _without(meta, "data.fingerprint"), "meta.data.fingerprint is missing"),
+    "classes and model disagree": (lambda meta: _with(meta, "model.num_classes", 5), "num_classes"),
+    "unknown model": (lambda meta: _with(meta, "model.name", "resnet_9000"), "meta.model"),
+    "model option of another model": (lambda meta: _with(meta, "model.kwargs", {"shortcut": "B"}), "meta.model"),
+    "kwargs that fetch other weights": (lambda meta: _with(meta, "model.kwargs", {"pretrained": True}), "meta.model.kwargs"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_META))
+def test_a_malformed_meta_is_one_checkpoint_error_naming_the_field(tmp_path, case):
+    from resnetlab.engine.checkpoint import load_checkpoint
+    from resnetlab.errors import CheckpointError
+
+    spoil, field = MALFORMED_META[case]
+    state = _good_state()
+    path = _save(tmp_path / "bad.pt", {**state, "meta": spoil(state["meta"])})
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message and field in message
+
+
+def test_a_well_formed_checkpoint_still_loads_with_its_meta(tmp_path):
+    from resnetlab.engine.checkpoint import load_checkpoint, model_from_checkpoint, preprocessing_from_meta
+
+    state = _good_state()
+    del state["meta"]["preprocessing"]["contrast"]  # written before the field existed: its default applies
+    loaded = load_checkpoint(_save(tmp_path / "good.pt", state))
+    model, meta = model_from_checkpoint(loaded)
+    assert meta["classes"]["names"] == ["stop", "yield", "priority"]
+    assert preprocessing_from_meta(meta).contrast == "none" and preprocessing_from_meta(meta).input_size == 32
+
+
+def test_weights_that_are_not_a_state_dict_are_named(tmp_path):
+    from resnetlab.engine.checkpoint import load_checkpoint
+    from resnetlab.errors import CheckpointError
+
+    path = _save(tmp_path / "bad.pt", {**_good_state(), "model": [1, 2, 3]})
+    with pytest.raises(CheckpointError, match="'model' entry is not a state dict"):
+        load_checkpoint(path)
+
+
+def _command(name, source, tmp_path):
+    image = tmp_path / "sign.png"
+    if not image.exists():
+        from PIL import Image
+
+        Image.new("RGB", (40, 40), (200, 10, 10)).save(image)
+    return {
+        "evaluate": ["evaluate", str(source), "--out", str(tmp_path / "eval")],
+        "predict": ["predict", str(source), str(image)],
+        "export": ["export", str(source), "--out", str(tmp_path / "export")],
+        "serve": ["serve", str(source), "--port", "8765"],
+    }[name]
+
+
+COMMANDS = ("evaluate", "predict", "export", "serve")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("case", ["input_size missing", "meta a list", "num_classes a string", "config with a bad value",
+                                  "preprocessing a list"])
+def test_every_command_answers_a_malformed_checkpoint_with_one_line(tmp_path, capsys, monkeypatch, command, case):
+    # serve must fail before it would start a server; were it to get that far, fail the test instead of serving.
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("serve started with a malformed checkpoint"))
+    spoil, field = MALFORMED_META[case]
+    state = _good_state()
+    path = _save(tmp_path / "bad.pt", {**state, "meta": spoil(state["meta"])})
+    assert main(_command(command, path, tmp_path)) == 2
+    line = _error_line(capsys)
+    assert str(path) in line and field in line
+
+
+class _NotAPlainCheckpoint:
+    """A custom class: torch.load(weights_only=True) refuses to unpickle it."""
+
+    def __init__(self):
+        self.note = "anything"
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_rejected_pickle_never_advises_weights_only_false(tmp_path, capsys, monkeypatch, command):
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("serve started with a rejected checkpoint"))
+    path = _save(tmp_path / "custom.pt", {**_good_state(), "extra": _NotAPlainCheckpoint()})
+    assert main(_command(command, path, tmp_path)) == 2
+    line = _error_line(capsys)
+    assert "weights_only=False" not in line and "weights_only" not in line
+    assert str(path) in line and "not a plain resnetlab checkpoint" in line and "unsafe" in line
+    assert "re-save" in line
+
+
+def _fake_export(folder, state) -> dict:
+    """An export folder as `resnetlab export` lays it out; the model file is a stand-in, never reached."""
+    import json
+
+    from resnetlab.deployment.records import record_from_meta
+
+    folder.mkdir(parents=True)
+    record = record_from_meta(state["meta"])
+    record["artifact"] = {"format": "onnx", "file": "model.onnx", "precision": "float32"}
+    (folder / "model.onnx").write_bytes(b"not reached")
+    (folder / "preprocessing.json").write_text(json.dumps(record))
+    return record
+
+
+MALFORMED_RECORD = {
+    "input_size a string": (lambda r: _with(r, "preprocessing.input_size", "32"), "record.preprocessing.input_size"),
+    "input_size missing": (lambda r: _without(r, "preprocessing.input_size"), "record.preprocessing.input_size is missing"),
+    "classes names missing": (lambda r: _without(r, "classes.names"), "record.classes.names is missing"),
+    "output a string": (lambda r: _with(r, "output", "logits"), "record.output"),
+    "artifact file outside the folder": (lambda r: _with(r, "artifact.file", "../../model.onnx"), "record.artifact.file"),
+    "artifact format unknown": (lambda r: _with(r, "artifact.format", "tflite"), "record.artifact.format"),
+}
+
+
+@pytest.mark.parametrize("command", ["predict", "serve"])
+@pytest.mark.parametrize("case", sorted(MALFORMED_RECORD))
+def test_a_malformed_export_record_is_one_line_naming_the_field(tmp_path, capsys, monkeypatch, command, case):
+    import json
+
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("serve started with a malformed export"))
+    folder = tmp_path / "export-dir"
+    record = _fake_export(folder, _good_state())
+    spoil, field = MALFORMED_RECORD[case]
+    (folder / "preprocessing.json").write_text(json.dumps(spoil(record)))
+    assert main(_command(command, folder, tmp_path)) == 2
+    line = _error_line(capsys)
+    assert str(folder / "preprocessing.json") in line and field in line and "re-run `resnetlab export`" in line

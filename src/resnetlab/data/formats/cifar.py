@@ -118,7 +118,8 @@ class _BatchUnpickler(pickle.Unpickler):
         try:
             return self.allowed[(module, name)]
         except KeyError:
-            raise DataError(f"'{self.path}' is not a CIFAR batch: it asks to load '{module}.{name}', which CIFAR "
+            refused = repr(f"{module}.{name}")  # repr: the names come from the file and may hold anything
+            raise DataError(f"'{self.path}' is not a CIFAR batch: it asks to load {refused[:120]}, which CIFAR "
                             "batches never hold (only lists, numbers, strings and numpy arrays), so resnetlab "
                             "refused to read it; use the batches of the published archive") from None
 
