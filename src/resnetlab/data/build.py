@@ -172,17 +172,18 @@ def _normalization(cfg: RunConfig, compute: Callable[[], tuple]) -> tuple[tuple[
 
 
 def eval_batches_for_table(table: SampleTable, prep: Preprocessing, batch_size: int, *, on_bad_image: str = "error",
-                           split: str = "eval") -> tuple[TensorBatches | FileBatches, SampleTable]:
-    """Evaluation batches for any table with a recorded preprocessing (used by `evaluate` on new data)."""
+                           split: str = "eval") -> tuple[TensorBatches | FileBatches, SampleTable, list[BadImage]]:
+    """Evaluation batches for any table with a recorded preprocessing (used by `evaluate` on new data): the batches,
+    the table of the images in them, and the images left out as unreadable (``on_bad_image=skip``)."""
     if prep.input_size <= IN_MEMORY_MAX_SIZE:
         decoded = decode_split(table, prep, threads=torch.get_num_threads())
         report_bad_images(decoded.bad, on_bad_image, split)
         return (TensorBatches(decoded.images, decoded.labels, batch_size, mean=prep.mean, std=prep.std),
-                table.subset(decoded.kept))
+                table.subset(decoded.kept), decoded.bad)
     bad = check_files_readable(table)
     report_bad_images(bad, on_bad_image, split)
     if bad:
         broken = {b.path for b in bad}
         table = table.subset([i for i, p in enumerate(table.paths) if p not in broken])
     return (FileBatches(FileImageDataset(table, prep), batch_size, mean=prep.mean, std=prep.std, shuffle=False,
-                        drop_last=False, num_workers=auto_workers()), table)
+                        drop_last=False, num_workers=auto_workers()), table, bad)
