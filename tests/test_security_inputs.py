@@ -297,3 +297,47 @@ def test_a_malformed_export_record_is_one_line_naming_the_field(tmp_path, capsys
     assert main(_command(command, folder, tmp_path)) == 2
     line = _error_line(capsys)
     assert str(folder / "preprocessing.json") in line and field in line and "re-run `resnetlab export`" in line
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data inspect: --out an existing file, and a dataset too small to split
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _small_gtsrb(root):
+    from tests.test_gtsrb_loader import make_gtsrb
+
+    # two classes, two tracks each: 4 groups, too few to hold out 15% test and 10% validation by track
+    return make_gtsrb(root, rows_per_class=6, classes=(0, 14))
+
+
+@pytest.mark.parametrize("where", ["file", "below a file"])
+def test_inspect_out_an_existing_file_is_one_line(tmp_path, capsys, where):
+    from tests.test_gtsrb_loader import make_gtsrb
+
+    data = make_gtsrb(tmp_path / "g", rows_per_class=12, classes=(0, 14))  # 8 tracks: a split that can be planned
+    existing = tmp_path / "notes.txt"
+    existing.write_text("keep me\n")
+    out = existing if where == "file" else existing / "inspect"
+    split = ["data.val_fraction=0.25", "data.test_fraction=0.25"]
+    assert main(["data", "inspect", f"gtsrb:{data}", *split, "--out", str(out)]) == 2
+    line = _error_line(capsys)
+    assert str(existing) in line and "--out" in line
+    assert existing.read_text() == "keep me\n"
+
+
+def test_inspect_describes_a_dataset_whose_split_cannot_be_planned(tmp_path, capsys):
+    data = _small_gtsrb(tmp_path / "g")
+    assert main(["data", "inspect", f"gtsrb:{data}", "--json"]) == 0
+    import json
+
+    result = json.loads(capsys.readouterr().out)
+    assert result["num_classes"] == 2 and result["images"] == 12
+    assert [c["total"] for c in result["classes"]] == [6, 6]
+    assert result["image_sizes"]["width"]["min"] == 30 and result["image_sizes"]["images"] == 12
+    split_problems = [p for p in result["problems"] if "groups" in p["reason"]]
+    assert len(split_problems) == 1 and "data.split=stratified" in split_problems[0]["reason"]
+    # the text output says so too, and writes its files
+    assert main(["data", "inspect", f"gtsrb:{data}", "--out", str(tmp_path / "o")]) == 0
+    text = capsys.readouterr().out
+    assert "only 4 groups" in text and (tmp_path / "o" / "samples_per_class.png").is_file()
