@@ -191,3 +191,23 @@ def test_evaluate_skips_images_that_fail_to_decode(run_copy, tiny_signs, tmp_pat
                  "data.on_bad_image=error"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and broken[0] in err, err
+
+
+@pytest.mark.slow
+def test_overwrite_under_torchrun_replaces_the_run(run_copy, tiny_signs):
+    """Two processes agree on the folder the new run is written into (rank 0 chooses it), and it replaces the run."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["train", "--data", f"gtsrb:{tiny_signs}", "--model", "simple_cnn", "--out", str(run_copy), "--overwrite",
+            "--seed", "5", "train.max_steps_per_epoch=2", *TINY]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "resnetlab", *args], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads((run_copy / "run_info.json").read_text())
+    assert info["world_size"] == 2
+    assert "seed: 5" in (run_copy / "config.yaml").read_text()
+    assert (run_copy / "eval" / "metrics.json").is_file()
+    assert siblings(run_copy) == []
