@@ -154,7 +154,7 @@ def test_memory_returns_near_its_start_after_a_burst_of_large_images(server, sig
     peak = memory_mb(process.pid, "VmHWM") if can_see_peak else None
     time.sleep(1.0)
     after = memory_mb(process.pid)
-    # Before the bounds, eight such images at once took this server 2.8 GB above its baseline and left 1.2 GB
+    # Before the bounds, eight such images at once took this server 2.8 GB above its baseline and left over 1 GB
     # behind when idle: now two decode at once, without copies of the full-size pixels, and the memory goes back.
     assert after - baseline < 300, f"RSS {baseline:.0f} MB before the burst, {after:.0f} MB after it"
     if peak is not None:
