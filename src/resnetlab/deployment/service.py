@@ -62,18 +62,13 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 
 import resnetlab
 from resnetlab.data.preprocessing import pil_to_uint8, resize_to_input
 from resnetlab.deployment.decode import UploadRejected, decode_upload
 from resnetlab.deployment.predictor import Predictor, load_predictor
-from resnetlab.deployment.service_settings import (  # noqa: F401  (names callers of the service use)
-    API_KEY_ENVIRONMENT,
-    DEFAULT_MAX_FILES,
-    DEFAULT_MAX_UPLOAD_BYTES,
-    ENVIRONMENT_PREFIX,
-    ServiceSettings,
-)
+from resnetlab.deployment.service_settings import ENVIRONMENT_PREFIX, ServiceSettings
 
 RETRY_AFTER_S = 1
 MAX_TOPK = 100
@@ -248,7 +243,7 @@ def _megabytes(n: int) -> str:
 async def _discard_body(request: Request) -> None:
     """Read and drop a body that will not be used (the upload limit still applies), so that a client still sending
     gets the answer instead of a connection reset."""
-    with contextlib.suppress(Exception):  # a body already read, or a client gone: nothing to drain
+    with contextlib.suppress(ClientDisconnect, RuntimeError):  # a client gone, or a body already read: nothing left
         async for _ in request.stream():
             pass
 
