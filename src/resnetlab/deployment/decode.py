@@ -8,7 +8,8 @@ large JPEG is decoded at reduced scale by libjpeg's DCT scaling (:meth:`PIL.Imag
 which never builds the full-size pixels, keeping each side at least :data:`DRAFT_MARGIN` times the size the
 preprocessing resizes to; the antialiased resize that follows averages over the same area, and the model inputs stay
 within a few levels of 255 of a full decode (``tests/test_service_security.py`` bounds it). Other formats have no
-reduced decode, and are decoded in full.
+reduced decode, and are decoded in full: box-reducing them afterwards (:meth:`PIL.Image.Image.reduce`) would save
+the resize's time but none of the decode's memory, and changed a 32 px model's inputs by up to 23 levels.
 """
 
 from __future__ import annotations

@@ -240,12 +240,16 @@ def _megabytes(n: int) -> str:
     return f"{n / (1024 * 1024):.3g} MB"
 
 
-async def _discard_body(request: Request) -> None:
+async def _discard_body(request: Request, timeout_s: float) -> None:
     """Read and drop a body that will not be used (the upload limit still applies), so that a client still sending
-    gets the answer instead of a connection reset."""
-    with contextlib.suppress(ClientDisconnect, RuntimeError):  # a client gone, or a body already read: nothing left
+    gets the answer instead of a connection reset; a client sending slower than ``timeout_s`` allows is cut off."""
+    async def drain() -> None:
         async for _ in request.stream():
             pass
+
+    # a client gone, a body already read (RuntimeError), or a client too slow: answer without the rest
+    with contextlib.suppress(ClientDisconnect, RuntimeError, asyncio.TimeoutError):
+        await asyncio.wait_for(drain(), timeout_s)
 
 
 def _base64_image(value: Any, index: int) -> tuple[str, bytes]:
@@ -424,7 +428,7 @@ def create_app(predictor: Predictor, settings: ServiceSettings | None = None, **
         # compare_digest: the time taken does not tell how much of a guess was right
         if presented is not None and hmac.compare_digest(presented.encode(), expected_key):
             return
-        await _discard_body(request)
+        await _discard_body(request, settings.request_timeout)
         raise UploadRejected(401, "this service needs an API key: send 'Authorization: Bearer KEY' or "
                                   "'X-API-Key: KEY'", "unauthorized", headers={"WWW-Authenticate": "Bearer"})
 
@@ -511,7 +515,7 @@ def create_app(predictor: Predictor, settings: ServiceSettings | None = None, **
     async def predict(request: Request, topk: int = Query(5, ge=1, le=MAX_TOPK)) -> dict[str, Any]:
         # Admission comes before the body is kept: a rejected request costs no memory.
         if not admission.try_enter():
-            await _discard_body(request)
+            await _discard_body(request, settings.request_timeout)
             raise UploadRejected(503, f"the service is busy ({settings.max_concurrency} predictions running and "
                                       f"{settings.max_queue} waiting); retry in {RETRY_AFTER_S} s",
                                  "busy", headers={"Retry-After": str(RETRY_AFTER_S)})
