@@ -66,7 +66,7 @@ def _args(words: list[str]) -> list[str]:
     return words[start + 1:]
 
 
-def _train(args: list[str], place: Place, *, data: str | None = None, extra: list[str] = ()) -> list[str]:
+def _train(args: list[str], *, data: str | None = None, extra: list[str] = ()) -> list[str]:
     args = _without(_without(args, "--epochs"), "--data")
     if data is not None:
         args = [*args, "--data", data]
@@ -80,14 +80,14 @@ RULES: list[Rule] = [
     (r"resnetlab serve ", None, "a server does not return; the service tests start one"),
     (r"resnetlab tune ", None, "16 settings x 2 folds of ResNet-50: the slow test runs it on small data"),
     (r"resnetlab train --data folder:/data/my_photos",
-     lambda a, p: _train(a, p, data=f"folder:{p.photos}", extra=["data.input_size=32", "data.batch_size=8"]), ""),
+     lambda a, p: _train(a, data=f"folder:{p.photos}", extra=["data.input_size=32", "data.batch_size=8"]), ""),
     (r"resnetlab train --data gtsrb:/data/GTSRB",
-     lambda a, p: _train(a, p, data=f"gtsrb:{p.signs}", extra=["data.batch_size=32"]), ""),
+     lambda a, p: _train(a, data=f"gtsrb:{p.signs}", extra=["data.batch_size=32"]), ""),
     (r"resnetlab train --recipe cifar10-resnet20 --data cifar10:",
-     lambda a, p: _train(a, p, data=f"cifar10:{p.cifar10}", extra=["data.batch_size=16"]), ""),
+     lambda a, p: _train(a, data=f"cifar10:{p.cifar10}", extra=["data.batch_size=16"]), ""),
     (r"resnetlab train --recipe demo ",
-     lambda a, p: _train(a, p, data=f"gtsrb:{p.signs}", extra=["data.batch_size=32"]), ""),
-    (r"resnetlab train$", lambda a, p: _train(a, p, data=f"gtsrb:{p.signs}", extra=["data.batch_size=32"]), ""),
+     lambda a, p: _train(a, data=f"gtsrb:{p.signs}", extra=["data.batch_size=32"]), ""),
+    (r"resnetlab train$", lambda a, p: _train(a, data=f"gtsrb:{p.signs}", extra=["data.batch_size=32"]), ""),
     (r"resnetlab data split /data/photos ",
      lambda a, p: _replace(_replace(a, "/data/photos_split", str(p.work / "photos_split")), "/data/photos",
                            str(p.photos)), ""),
@@ -164,7 +164,7 @@ def _cases(fast: bool) -> list[str]:
 
 
 def _run(command: str, place: Place, monkeypatch, capsys) -> None:
-    pattern, substitute, reason = rule_for(command)
+    _, substitute, _ = rule_for(command)
     monkeypatch.chdir(place.work)
     words = shlex.split(command)
     if substitute is None:

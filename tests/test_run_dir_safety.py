@@ -52,12 +52,11 @@ def _bad_folder_data(tmp_path: Path) -> str:
 def test_overwrite_with_bad_input_keeps_the_old_run(run_copy, tiny_signs, tmp_path, capsys, case):
     before = snapshot(run_copy)
     args = {
-        "missing data": ["--data", f"folder:{tmp_path / 'no-such-folder'}"],
-        "unknown model": ["--data", f"gtsrb:{tiny_signs}", "--model", "resnet_nonexistent"],
-        "corrupt image": ["--data", _bad_folder_data(tmp_path) if case == "corrupt image" else "",
-                          "data.on_bad_image=error"],
-        "bad override": ["--data", f"gtsrb:{tiny_signs}", "data.batch_size=many"],
-    }[case]
+        "missing data": lambda: ["--data", f"folder:{tmp_path / 'no-such-folder'}"],
+        "unknown model": lambda: ["--data", f"gtsrb:{tiny_signs}", "--model", "resnet_nonexistent"],
+        "corrupt image": lambda: ["--data", _bad_folder_data(tmp_path), "data.on_bad_image=error"],
+        "bad override": lambda: ["--data", f"gtsrb:{tiny_signs}", "data.batch_size=many"],
+    }[case]()
     assert main(["train", *args, "--out", str(run_copy), "--overwrite", *TINY]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error:"), err
@@ -151,6 +150,7 @@ def test_evaluate_never_writes_over_the_runs_own_results(run_copy, tiny_signs, c
     assert main(["evaluate", checkpoint, "--data", f"gtsrb:{tiny_signs}", "--split", "all"]) == 0
     made = list((run_copy / "evaluations").iterdir())
     assert len(made) == 1 and (made[0] / "metrics.json").is_file()
+    assert made[0].name.startswith(f"gtsrb-{tiny_signs.name}-all-")
     assert json.loads((made[0] / "metrics.json").read_text())["split"] == "all"
     assert snapshot(own) == before
     # into the run's eval/: refused without --overwrite, with one line

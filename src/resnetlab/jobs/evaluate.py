@@ -213,15 +213,19 @@ def evaluation_data_config(saved: RunConfig, data_spec: str | None, overrides: l
 
 def default_evaluation_dir(checkpoint: Path, data_spec: str | None, split: str) -> Path:
     """Where an evaluation goes unless told: ``<run>/evaluations/<data>-<split>-<YYYYmmdd-HHMMSS>``, beside (never
-    in) the run's own ``eval/``. ``<data>`` names the dataset by its kind and folder (``folder-my_photos``,
-    ``synthetic-signs``), or ``trained-data`` when ``--data`` is not given; a name already taken gets ``-2``, ``-3``...
+    in) the run's own ``eval/``. ``<data>`` names the dataset by its kind and folder or file (``folder-my_photos``,
+    ``csv-shifted-Test``, ``synthetic-signs``), or is ``trained-data`` when ``--data`` is not given; a name already
+    taken gets ``-2``, ``-3``...
     """
     from resnetlab.data.datasets import parse_spec
 
     run_dir = checkpoint if checkpoint.is_dir() else checkpoint.resolve().parent.parent
     if data_spec:
         kind, location = parse_spec(data_spec)
-        data_name = "-".join(part for part in (kind, Path(location).name) if part)
+        where = Path(location)
+        # a file (csv:shifted/Test.csv) is named with its folder: csv-shifted-Test
+        names = (where.parent.name, where.stem) if where.suffix else (where.name,)
+        data_name = "-".join(part for part in (kind, *names) if part)
     else:
         data_name = "trained-data"
     data_name = re.sub(r"[^A-Za-z0-9._-]+", "_", data_name).strip("._") or "data"

@@ -78,7 +78,9 @@ def prepare_run_dir(out: Path, *, overwrite: bool, resume: bool) -> Path:
             leftover.unlink(missing_ok=True)
         return out
     if out.is_dir() and any(out.iterdir()):
-        return _new_sibling(out.resolve(), "new")
+        new = _free_sibling(out.resolve(), "new")
+        new.mkdir()
+        return new
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -87,8 +89,8 @@ def replace_run_dir(new: Path, out: Path) -> None:
     """Put the finished run ``new`` (from :func:`prepare_run_dir`) in the place of the run in ``out``."""
     target = out.resolve()
     if target.exists():
-        # Two renames in one folder: whatever happens, one of the two runs is complete under its own name.
-        old = _new_sibling(target, "old")
+        # Two renames: a kill between them leaves both runs complete, the earlier one in .NAME.old-PID.
+        old = _free_sibling(target, "old")
         os.rename(target, old)
         os.rename(new, target)
         shutil.rmtree(old)
@@ -96,16 +98,11 @@ def replace_run_dir(new: Path, out: Path) -> None:
         os.rename(new, target)
 
 
-def _new_sibling(folder: Path, role: str) -> Path:
-    """A new, hidden folder beside ``folder`` (on the same file system, so that a rename moves it in place)."""
-    for attempt in itertools.count():
-        sibling = folder.parent / f".{folder.name}.{role}-{os.getpid()}{f'-{attempt}' if attempt else ''}"
-        try:
-            sibling.mkdir()
-            return sibling
-        except FileExistsError:
-            continue
-    raise AssertionError("unreachable")
+def _free_sibling(folder: Path, role: str) -> Path:
+    """An unused name for a hidden folder beside ``folder`` (on the same file system, so that a rename is a move)."""
+    stem = f".{folder.name}.{role}-{os.getpid()}"
+    return next(sibling for sibling in (folder.parent / (stem + (f"-{n}" if n else "")) for n in itertools.count())
+                if not sibling.exists())
 
 
 def model_kwargs_of(cfg: RunConfig) -> dict:
