@@ -190,7 +190,7 @@ def test_evaluate_skips_images_that_fail_to_decode(run_copy, tiny_signs, tmp_pat
     assert main(["evaluate", checkpoint, "--data", f"gtsrb:{data}", "--out", str(tmp_path / "error"),
                  "data.on_bad_image=error"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and broken[0] in err, err
+    assert len(err.splitlines()) == 1 and broken[0] in err and "to evaluate without them" in err, err
 
 
 @pytest.mark.slow

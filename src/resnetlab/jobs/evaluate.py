@@ -317,7 +317,11 @@ def evaluate_job(checkpoint: Path, data_spec: str | None, split: str, out_dir: P
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     batches, table, unreadable = eval_batches_for_table(table, prep, batch_size or saved.data.eval_batch_size,
-                                                        on_bad_image=data_cfg.on_bad_image, split=split)
+                                                        on_bad_image="skip", split=split)
+    if unreadable and data_cfg.on_bad_image == "error":
+        raise DataError(f"{len(unreadable)} unreadable image(s) in the {split} split: "
+                        f"{describe_paths([b.path for b in unreadable])}. Fix or remove them, or pass "
+                        "data.on_bad_image=skip to evaluate without them")
     if unreadable:
         log(f"data.on_bad_image=skip: skipped {len(unreadable)} unreadable image(s) of the {split} split, listed in "
             f"{out_dir / 'bad_images.csv'}: {describe_paths([b.path for b in unreadable])}")
