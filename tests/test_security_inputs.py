@@ -341,3 +341,146 @@ def test_inspect_describes_a_dataset_whose_split_cannot_be_planned(tmp_path, cap
     assert main(["data", "inspect", f"gtsrb:{data}", "--out", str(tmp_path / "o")]) == 0
     text = capsys.readouterr().out
     assert "only 4 groups" in text and (tmp_path / "o" / "samples_per_class.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the fuzz tests (test_fuzz_readers.py) found, each pinned by a plain example
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _gtsrb_with_csv_line(root, edit):
+    """A GTSRB folder whose Train.csv has its first data row passed through ``edit`` (a function of the cells)."""
+    from tests.test_gtsrb_loader import make_gtsrb
+
+    make_gtsrb(root, with_track_column=True)
+    lines = (root / "Train.csv").read_text().splitlines()
+    lines[1] = ",".join(edit(lines[1].split(",")))
+    (root / "Train.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.mark.parametrize(("edit", "reason"), [
+    (lambda cells: [*cells[:-1], "abc"], "Track must be an integer"),
+    (lambda cells: ["30", "32", "99999999999999999999999", *cells[3:]], "must be integers"),
+    (lambda cells: [*cells[:7], "Train/0/\x00.png", cells[8]], "is not a file name"),
+])
+def test_an_unusable_gtsrb_row_is_rejected_not_a_crash(tmp_path, edit, reason):
+    root = _gtsrb_with_csv_line(tmp_path / "g", edit)
+    with pytest.raises(DataError, match=reason):
+        open_dataset(DataConfig(spec=f"gtsrb:{root}"))
+    source = open_dataset(DataConfig(spec=f"gtsrb:{root}", on_bad_image="skip"))
+    assert len(source.splits["train"]) == 11 and len(source.all_rejected()) == 1
+
+
+def test_a_csv_field_over_the_csv_modules_limit_is_one_line(tmp_path):
+    root = _gtsrb_with_csv_line(tmp_path / "g", lambda cells: [*cells[:7], "x" * 200_000, cells[8]])
+    with pytest.raises(DataError, match="Train.csv: not a readable CSV file after line 1 .field larger than field limit"):
+        open_dataset(DataConfig(spec=f"gtsrb:{root}"))
+
+
+@pytest.mark.parametrize("cell", ["images/\x000.png", "images/0.png"])
+def test_csv_list_rows_with_impossible_paths_or_boxes_are_rejected(tmp_path, cell):
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    for i in range(3):
+        Image.new("RGB", (20, 20), (9, 9, 9)).save(tmp_path / "images" / f"{i}.png")
+    listing = tmp_path / "list.csv"
+    listing.write_text("Path,ClassId,Roi.X1,Roi.Y1,Roi.X2,Roi.Y2\n"
+                       f"{cell},0,1,1,9,99999999999999999999999\nimages/1.png,0,1,1,9,9\nimages/2.png,1,,,,\n")
+    source = open_dataset(DataConfig(spec=f"csv:{listing}", on_bad_image="skip"))
+    assert len(source.splits["train"]) == 2
+    assert ("not a file name" if "\x00" in cell else "not four pixel coordinates") in source.all_rejected()[0].reason
+
+
+@pytest.mark.parametrize("listing", ["classes.txt", "class_names.tsv"])
+def test_a_class_listing_that_is_not_utf8_is_one_line(tmp_path, listing):
+    from PIL import Image
+
+    for name in ("ants", "bees"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / name / "0.png")
+    (tmp_path / listing).write_bytes(b"ants\n\xff\xfebees\n")
+    with pytest.raises(DataError, match=f"{listing}: not a UTF-8 text file"):
+        open_dataset(DataConfig(spec=f"folder:{tmp_path}"))
+
+
+def test_a_recipe_that_is_not_utf8_is_a_config_error(tmp_path):
+    from resnetlab.errors import ConfigError
+    from resnetlab.recipes import load_recipe
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_bytes(b"\x80data:\n  batch_size: 8\n")
+    with pytest.raises(ConfigError, match="is not UTF-8"):
+        load_recipe(str(recipe))
+
+
+def test_an_override_with_a_line_break_is_still_one_line(capsys):
+    assert main(["data", "inspect", "synthetic-signs", "data.spec\n"]) == 2
+    assert "'data.spec\\n'" in _error_line(capsys)
+
+
+# A few hundred bytes that stand for 9**6 (531,441) values through YAML aliases ("billion laughs").
+LAUGHS = ("a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+          "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+          "e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]\n")
+
+
+def test_a_recipe_that_expands_without_end_is_refused(tmp_path):
+    from resnetlab.config import build_config
+    from resnetlab.errors import ConfigError
+    from resnetlab.recipes import load_recipe
+
+    recipe = tmp_path / "laughs.yaml"
+    recipe.write_text("model:\n  kwargs: {" + LAUGHS.replace("\n", ", ").rstrip(", ") + "}\n")
+    with pytest.raises(ConfigError, match="more than 200,000 values"):
+        build_config(load_recipe(str(recipe)))
+    looped = tmp_path / "loop.yaml"
+    looped.write_text("model:\n  kwargs: &k {again: *k}\n")
+    with pytest.raises(ConfigError, match="contains itself"):
+        build_config(load_recipe(str(looped)))
+
+
+def test_a_checkpoint_meta_that_expands_without_end_is_refused(tmp_path):
+    from resnetlab.engine.checkpoint import load_checkpoint
+    from resnetlab.errors import CheckpointError
+
+    leaf = [1] * 9
+    for _ in range(5):
+        leaf = [leaf] * 9  # shared references: pickled once, 9**6 values when expanded
+    state = _good_state()
+    state["meta"]["data"]["notes"] = leaf
+    with pytest.raises(CheckpointError, match="more than 200,000 values"):
+        load_checkpoint(_save(tmp_path / "laughs.pt", state))
+
+
+def test_cifar_labels_that_expand_without_end_are_refused(tmp_path):
+    folder, _ = make_cifar10_batches(tmp_path)
+    labels = [1] * 9
+    for _ in range(7):
+        labels = [labels] * 9
+    with open(folder / "data_batch_1", "wb") as handle:
+        pickle.dump({"data": np.zeros((4, 3072), np.uint8), "labels": labels}, handle, protocol=2)
+    with pytest.raises(DataError, match="'labels' entry is list, not an array or a list of integers"):
+        open_dataset(DataConfig(spec=f"cifar10:{tmp_path}"))
+
+
+def test_a_truncated_legacy_checkpoint_is_always_a_checkpoint_error(tmp_path):
+    """torch.load of a cut-off file in the pre-zip format fails with EOFError, IndexError, struct.error ...,
+    depending on where it was cut; each is one CheckpointError."""
+    import io
+
+    import torch
+
+    from resnetlab.engine.checkpoint import load_checkpoint
+    from resnetlab.errors import CheckpointError
+
+    buffer = io.BytesIO()
+    torch.save(_good_state(classes=("a", "b")), buffer, _use_new_zipfile_serialization=False)
+    whole = buffer.getvalue()
+    path = tmp_path / "cut.pt"
+    for cut in range(0, 8192, 16):  # the pickled records and the first storage headers
+        path.write_bytes(whole[:cut])
+        # cut inside a global's name, the weights-only reader refuses the name instead
+        with pytest.raises(CheckpointError, match="cannot load checkpoint|holds objects that resnetlab does not load"):
+            load_checkpoint(path)

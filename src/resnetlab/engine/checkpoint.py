@@ -7,9 +7,7 @@ cannot disagree on preprocessing. Files are written atomically and read with ``t
 
 from __future__ import annotations
 
-import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from torch import nn
 
 import resnetlab
-from resnetlab.config import DataConfig, RunConfig
+from resnetlab.config import DataConfig, RunConfig, oversized
 from resnetlab.data.preprocessing import CONTRAST_MODES, IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from resnetlab.errors import CheckpointError, ResnetlabError
 from resnetlab.utils.io import torch_save
@@ -155,6 +153,10 @@ def validate_meta(meta: Any, path: str | Path) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise CheckpointError(f"'{path}' is not a resnetlab checkpoint: its meta is {_kind(meta)}, not the record "
                               f"resnetlab writes; {RETRAIN_ADVICE}")
+    problem = oversized(meta)
+    if problem:
+        raise CheckpointError(f"'{path}' is not a resnetlab checkpoint: its meta is not the record resnetlab writes "
+                              f"({problem}); {RETRAIN_ADVICE}")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"'{path}' has checkpoint format {str(version)[:40]}; this resnetlab reads format "
@@ -206,9 +208,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint '{path}' does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError, OverflowError,
-            KeyError, IndexError, TypeError, AttributeError, UnicodeDecodeError) as err:
-        # A damaged or foreign file: torch.load fails with whichever of these its reader meets first.
+    except Exception as err:  # noqa: BLE001 - torch.load fails on a damaged or foreign file with whatever its
+        # zip, pickle or struct reader meets first (UnpicklingError, BadZipFile, RuntimeError, struct.error, EOFError
+        # ...: see test_fuzz_readers.py); every one of them is the file's fault, not resnetlab's.
         raise CheckpointError(_unloadable(path, err)) from None
     if not isinstance(state, dict) or "meta" not in state or "model" not in state:
         raise CheckpointError(f"'{path}' is not a resnetlab checkpoint (no 'meta' record); "
@@ -231,7 +233,7 @@ def _unloadable(path: Path, err: BaseException) -> str:
         # The refused name comes from the file: only an identifier-like one is repeated.
         refused = re.search(r"Unsupported global: GLOBAL ([A-Za-z_][\w.]{0,120})", text)
         return (f"'{path}' holds objects that resnetlab does not load"
-                + (f" (it names {refused.group(1)})" if refused else "")
+                + (f" (it names {refused.group(1).rstrip('.')})" if refused else "")
                 + ": it is not a plain resnetlab checkpoint (tensors, numbers, strings and lists), and loading it "
                 f"could run code it contains (possibly unsafe); {RETRAIN_ADVICE}, or re-save just the model's state "
                 "dict with torch.save")

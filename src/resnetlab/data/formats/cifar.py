@@ -146,9 +146,16 @@ def _load_batch(path: Path) -> dict[str, object]:
 
 
 def _as_array(batch: dict[str, object], key: str, dtype: type, path: Path) -> np.ndarray:
+    value = batch[key]
+    # An array, or a flat list of integers (the published label lists). Nested lists are refused before numpy sees
+    # them: pickle references let a small file hold lists that expand to billions of items.
+    if not isinstance(value, np.ndarray) and not (
+            isinstance(value, list) and all(isinstance(item, (int, np.integer)) for item in value)):
+        raise DataError(f"'{path}': the '{key}' entry is {type(value).__name__}, not an array or a list of integers; "
+                        "re-download or re-extract the archive")
     try:
         with np.errstate(all="ignore"):
-            array = np.asarray(batch[key])
+            array = np.asarray(value)
             if array.dtype.kind not in "biu" or (array.size and (array.min() < np.iinfo(dtype).min
                                                                  or array.max() > np.iinfo(dtype).max)):
                 raise ValueError(f"values of type {array.dtype} where integers {np.iinfo(dtype).min}.."
@@ -235,7 +242,10 @@ def _meta_names(folder: Path, kind: str, key: str, default: tuple[str, ...]) -> 
     if meta_file.is_file():
         names = _load_batch(meta_file).get(key)
         if isinstance(names, list) and len(names) == len(default):
-            return [n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names]
+            if not all(isinstance(name, (str, bytes)) for name in names):
+                raise DataError(f"'{meta_file}': '{key}' is not a list of class names (strings); re-download or "
+                                "re-extract the archive")
+            return [name.decode("latin1") if isinstance(name, bytes) else name for name in names]
     return list(default)
 
 
