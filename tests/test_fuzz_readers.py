@@ -506,3 +506,27 @@ def test_checkpoint_structures_survive_mutation(workspace, data):
     path = workspace / "structured.pt"
     torch.save(state, path)
     works_or_refuses(lambda: _load_and_build(path))
+
+
+@pytest.fixture(scope="module")
+def export_record_seed(workspace) -> Path:
+    from tests.test_security_inputs import _fake_export
+
+    folder = workspace / "seed-export"
+    _fake_export(folder, _checkpoint_state())
+    return folder
+
+
+@fuzz_settings(examples=120)
+@given(data=st.data())
+def test_export_records_survive_mutation(workspace, export_record_seed, data):
+    from resnetlab.deployment.predictor import Predictor
+    from resnetlab.deployment.records import read_export_record
+
+    folder = _copy(export_record_seed, workspace)
+    record = folder / "preprocessing.json"
+    record.write_bytes(data.draw(mutated(record.read_bytes(), TEXT_TOKENS + ('{"a": ' * 3000, "1e999", "-0"))))
+    checked = works_or_refuses(lambda: read_export_record(folder))
+    if checked is not None:  # what predict and serve build from a record that passed
+        Predictor(backend=None, record=checked)
+    shutil.rmtree(folder.parent)
