@@ -154,7 +154,8 @@ def test_evaluate_an_export_on_the_whole_split(tiny_checkpoint, bf16_export, tmp
     """`evaluate --export DIR` measures what is deployed: a float32 export scores as the checkpoint does (its
     confidences equal to the float32 parity), a bf16 package gets its own full evaluation and says so."""
     onnx = export_checkpoint(tiny_checkpoint, tmp_path / "onnx", fmt="onnx", dynamic_batch=True, log=lambda m: None)
-    outs = {name: tmp_path / name for name in ("checkpoint", "onnx", "bf16")}
+    # evaluations of their own, beside (not in) the export folders
+    outs = {name: tmp_path / f"evaluation-{name}" for name in ("checkpoint", "onnx", "bf16")}
     assert main(["evaluate", str(tiny_checkpoint), "--out", str(outs["checkpoint"])]) == 0
     assert main(["evaluate", str(tiny_checkpoint), "--export", str(onnx.out_dir), "--out", str(outs["onnx"])]) == 0
     assert main(["evaluate", str(tiny_checkpoint.parent.parent), "--export", str(bf16_export),

@@ -15,6 +15,7 @@ names the key instead of a silent no-op.
 from __future__ import annotations
 
 import copy
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -219,16 +220,53 @@ class RunConfig(_Section):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 80
+_SHORT_REPR.maxlevel = 3
+
+
+def shown(value: Any) -> str:
+    """A value from the user's input as the one line of an error message: quoted, escaped and bounded (a YAML
+    alias can make a small file stand for a huge structure)."""
+    return _SHORT_REPR.repr(value)
+
+
+def oversized(tree: Any, *, max_values: int = 200_000, max_depth: int = 64) -> str | None:
+    """Why a tree of dicts and lists read from a user's file is too large to process, or None.
+
+    YAML aliases and pickle references let a small file stand for a structure whose expansion never ends (a
+    "billion laughs"), or for one that contains itself; validating or dumping such a tree would hang or exhaust
+    memory. Values are counted each time they are reached, as an expansion would count them, and the walk stops
+    at the limit, so the check itself is cheap.
+    """
+    pending, seen = [(tree, 0)], 0
+    while pending:
+        node, depth = pending.pop()
+        seen += 1
+        if seen > max_values:
+            return f"it holds more than {max_values:,} values"
+        if depth > max_depth:
+            return f"it is nested more than {max_depth} levels deep (or contains itself)"
+        if isinstance(node, dict):
+            pending.extend((value, depth + 1) for value in node.values())
+        elif isinstance(node, (list, tuple, set, frozenset)):
+            pending.extend((value, depth + 1) for value in node)
+    return None
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``'optim.lr=0.01'`` -> ``('optim.lr', 0.01)``; the value is read as YAML (numbers, lists, booleans)."""
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ConfigError(f"override '{text}' is not KEY=VALUE; write it like optim.lr=0.01")
+        raise ConfigError(f"override {shown(text)} is not KEY=VALUE; write it like optim.lr=0.01")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):  # not YAML (or nested past the parser's depth): the text itself
         value = raw
+    problem = oversized(value)
+    if problem:
+        raise ConfigError(f"override {shown(text)}: the value is not a config value ({problem})")
     return key, value
 
 
@@ -242,14 +280,14 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
         if fields is None or part not in fields:
             where = ".".join(parts[:depth]) or "the top level"
             choices = ", ".join(sorted(fields)) if fields else "none (it is a value, not a section)"
-            raise ConfigError(f"unknown config key '{key}': '{part}' is not a key of {where} (known: {choices})")
+            raise ConfigError(f"unknown config key {shown(key)}: {shown(part)} is not a key of {where} (known: {choices})")
         annotation = fields[part].annotation
         if depth == len(parts) - 1:
             node[part] = value
         else:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"config key '{'.'.join(parts[: depth + 1])}' is a value, not a section")
+                raise ConfigError(f"config key {shown('.'.join(parts[: depth + 1]))} is a value, not a section")
             known = annotation
 
 
@@ -273,14 +311,14 @@ def validate_config(tree: dict[str, Any], source: str = "config") -> RunConfig:
         first = err.errors()[0]
         key = ".".join(str(p) for p in first["loc"])
         value = first.get("input")
-        raise ConfigError(f"{source}: bad value for '{key}' ({value!r}): {first['msg']}") from None
+        raise ConfigError(f"{source}: bad value for '{key}' ({shown(value)}): {first['msg']}") from None
 
 
 def _check_known_keys(tree: dict[str, Any], model: type[BaseModel] = RunConfig, prefix: str = "") -> None:
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
         if key not in model.model_fields:
-            raise ConfigError(f"unknown config key '{dotted}' (known: {', '.join(sorted(model.model_fields))})")
+            raise ConfigError(f"unknown config key {shown(dotted)} (known: {', '.join(sorted(model.model_fields))})")
         sub = model.model_fields[key].annotation
         if isinstance(value, dict) and isinstance(sub, type) and issubclass(sub, BaseModel):
             _check_known_keys(value, sub, dotted + ".")
@@ -289,11 +327,20 @@ def _check_known_keys(tree: dict[str, Any], model: type[BaseModel] = RunConfig, 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file '{path}' does not exist") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text; save it as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"config file '{path}' cannot be read ({err.strerror})") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"config file '{path}' is not valid YAML: {first_line(err)}") from None
+    except RecursionError:
+        raise ConfigError(f"config file '{path}' is nested too deeply to be a recipe") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping of sections (data:, model:, ...)")
+    problem = oversized(tree)
+    if problem:
+        raise ConfigError(f"config file '{path}' is not a recipe: {problem}")
     return tree

@@ -75,7 +75,7 @@ def data_inspect(
         typer.echo(f"note: {note}")
     problems = result["problems"]
     if problems:
-        typer.echo(f"{len(problems)} sample(s) cannot be used:")
+        typer.echo(f"{len(problems)} problem(s):")
         for item in problems[:20]:
             typer.echo(f"  [{item['split']}] {item['path']}: {item['reason']}")
         if len(problems) > 20:

@@ -8,6 +8,14 @@ from typing import Annotated, Optional
 import typer
 
 from resnetlab.cli.options import BACKEND_HELP, PRECISION_HELP, fail
+from resnetlab.deployment.service_settings import (
+    API_KEY_ENVIRONMENT,
+    DEFAULT_MAX_CONCURRENCY,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_REQUEST_TIMEOUT_S,
+)
+
 
 def register(app: typer.Typer) -> None:
     app.command("export")(export)
@@ -58,9 +66,17 @@ def serve(
     backend: Annotated[str, typer.Option("--backend", help=BACKEND_HELP)] = "auto",
     precision: Annotated[str, typer.Option("--precision", help=PRECISION_HELP)] = "auto",
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="Largest request body; larger ones get 413")] = 10.0,
+    max_image_pixels: Annotated[int, typer.Option("--max-image-pixels", help="Largest image (width x height), read from its header before decoding; larger ones get 413")] = DEFAULT_MAX_IMAGE_PIXELS,
+    max_concurrency: Annotated[int, typer.Option("--max-concurrency", help="Predictions decoding or running at once, per worker (each may hold one decoded image)")] = DEFAULT_MAX_CONCURRENCY,
+    max_queue: Annotated[int, typer.Option("--max-queue", help="Predictions waiting for a slot, per worker; beyond them a request gets 503 with Retry-After")] = DEFAULT_MAX_QUEUE,
+    request_timeout: Annotated[float, typer.Option("--request-timeout", help="Seconds a prediction may take, waiting included; then 504")] = DEFAULT_REQUEST_TIMEOUT_S,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar=API_KEY_ENVIRONMENT, show_envvar=True, help="Require this key (Authorization: Bearer KEY or X-API-Key: KEY) on /predict, /model and /metrics; prefer the environment variable, which other users cannot read in the process list")] = None,
+    cors_origin: Annotated[Optional[list[str]], typer.Option("--cors-origin", help="An origin (https://host:port) whose pages may call the API from a browser; repeatable; CORS is off without it")] = None,
+    docs: Annotated[bool, typer.Option("--docs", help="Serve FastAPI's /docs, /redoc and /openapi.json")] = False,
 ) -> None:
-    """Serve the model over HTTP: a web page at /, POST /predict, GET /health and GET /model."""
+    """Serve the model over HTTP: a web page at /, POST /predict, GET /health, GET /model and GET /metrics."""
     from resnetlab.deployment.service import serve as run_service
+    from resnetlab.deployment.service_settings import ServiceSettings
 
     if workers < 1:
         fail("--workers must be at least 1")
@@ -68,5 +84,8 @@ def serve(
         fail(f"--port {port}: choose 1-65535")
     if max_upload_mb <= 0:
         fail("--max-upload-mb must be positive")
+    settings = ServiceSettings(max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_image_pixels=max_image_pixels,
+                               max_concurrency=max_concurrency, max_queue=max_queue, request_timeout=request_timeout,
+                               api_key=api_key, cors_origins=tuple(cors_origin or ()), docs=docs)
     run_service(source, host=host, port=port, workers=workers, backend=backend, precision=precision,
-                max_upload_bytes=int(max_upload_mb * 1024 * 1024), log=lambda m: typer.echo(m, err=True))
+                settings=settings, log=lambda m: typer.echo(m, err=True))

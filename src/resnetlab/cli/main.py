@@ -117,7 +117,8 @@ def evaluate(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint (.pt) or a run directory")],
     data: Annotated[Optional[str], typer.Option("--data", "-d", help="Dataset spec (default: the one the model was trained on)", rich_help_panel=DATA)] = None,
     split: Annotated[str, typer.Option("--split", help="test, val (the run's own held-out split) or all", rich_help_panel=DATA)] = "test",
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: <run>/evaluations/<split>-<time>)", rich_help_panel=OUTPUT)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder, new or empty (default: <run>/evaluations/<data>-<split>-<time>)", rich_help_panel=OUTPUT)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write over the files of a non-empty --out (such as a run's own eval/)", rich_help_panel=OUTPUT)] = False,
     tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation: average with the mirror image where the augmentation preset flips", rich_help_panel=MODEL)] = False,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", rich_help_panel=DATA)] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda", rich_help_panel=MODEL)] = "auto",
@@ -126,18 +127,16 @@ def evaluate(
 ) -> None:
     """Evaluate a checkpoint, or one of its exports: metrics.json, per-class, confusion, predictions, calibration,
     and a report."""
-    from datetime import datetime
-
-    from resnetlab.jobs.evaluate import evaluate_job
+    from resnetlab.jobs.evaluate import default_evaluation_dir, evaluate_job
     from resnetlab.reporting.report import render_report
 
     if split not in ("test", "val", "all"):
         fail(f"--split '{split}': choose test, val or all")
     if out is None:
-        run_dir = checkpoint if checkpoint.is_dir() else checkpoint.resolve().parent.parent
-        out = run_dir / "evaluations" / f"{split}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        out = default_evaluation_dir(checkpoint, data, split)
     evaluate_job(checkpoint, data, split, out, tta=tta, device=device, batch_size=batch_size,
-                 overrides=list(overrides or []), export_dir=export_dir, log=lambda m: typer.echo(m, err=True))
+                 overrides=list(overrides or []), export_dir=export_dir, overwrite=overwrite,
+                 log=lambda m: typer.echo(m, err=True))
     render_report(out)
     metrics = json.loads((out / "metrics.json").read_text())
     typer.echo(f"top1 {metrics['top1']:.4f}  top5 {metrics['top5']:.4f}  balanced_accuracy "

@@ -210,8 +210,9 @@ def _normalization(cfg: RunConfig, compute: Callable[[], tuple]) -> tuple[tuple[
 
 
 def eval_batches_for_table(table: SampleTable, prep: Preprocessing, batch_size: int, *, on_bad_image: str = "error",
-                           split: str = "eval") -> tuple[TensorBatches | FileBatches, SampleTable]:
-    """Evaluation batches for any table with a recorded preprocessing (used by `evaluate` on new data)."""
+                           split: str = "eval") -> tuple[TensorBatches | FileBatches, SampleTable, list[BadImage]]:
+    """Evaluation batches for any table with a recorded preprocessing (used by `evaluate` on new data): the batches,
+    the table of the images in them, and the images left out as unreadable (``on_bad_image=skip``)."""
     loaded = load_split(table, prep, in_memory=prep.input_size <= IN_MEMORY_MAX_SIZE, on_bad_image=on_bad_image,
                         name=split)
-    return evaluation_batches(loaded, prep, batch_size), loaded.table
+    return evaluation_batches(loaded, prep, batch_size), loaded.table, loaded.bad

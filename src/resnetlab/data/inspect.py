@@ -21,8 +21,8 @@ from resnetlab.config import RunConfig
 from resnetlab.data.datasets import open_dataset
 from resnetlab.data.preprocessing import Preprocessing, prepare_image
 from resnetlab.data.records import BadImage, DatasetSource, SampleTable
-from resnetlab.data.splits import plan_data_splits
-from resnetlab.errors import DataError, first_line
+from resnetlab.data.splits import SplitPlan, plan_data_splits
+from resnetlab.errors import ConfigError, DataError, first_line
 from resnetlab.utils.io import atomic_write, write_csv, write_json
 
 SPLITS = ("train", "val", "test")
@@ -84,14 +84,22 @@ def inspect_dataset(cfg: RunConfig, *, out_dir: Path | None = None, samples_per_
     """Inspect ``cfg.data``; with ``out_dir``, also write ``inspect.json``, ``samples_per_class.png`` and, when some
     samples cannot be used, ``bad_images.csv``."""
     d = cfg.data
+    if out_dir is not None:
+        out_dir = _check_out_dir(Path(out_dir))
     # Problems are what inspection is for: collect them instead of stopping at the first.
     source = open_dataset(d.model_copy(update={"on_bad_image": "skip"}))
-    plan = plan_data_splits(source, d)
+    problems = [{"split": split, "path": b.path, "reason": b.reason}
+                for split in sorted(source.rejected) for b in source.rejected[split]]
+    try:
+        plan = plan_data_splits(source, d)
+    except DataError as err:
+        # A run could not split this data as configured; inspecting it still shows what it holds, in the splits
+        # it brings, and names the problem.
+        plan = _unsplit_plan(source)
+        problems.append({"split": "plan", "path": str(source.root), "reason": f"a run cannot plan its splits: {err}"})
     log(f"{source.spec}: {source.num_classes} classes; split {plan.strategy}")
     everything = SampleTable.concat([getattr(plan, name) for name in SPLITS])
     sizes, unreadable = size_report(everything)
-    problems = [{"split": split, "path": b.path, "reason": b.reason}
-                for split in sorted(source.rejected) for b in source.rejected[split]]
     split_of = {path: name for name in SPLITS for path in getattr(plan, name).paths} if unreadable else {}
     problems += [{"split": split_of.get(b.path, "?"), "path": b.path, "reason": b.reason} for b in unreadable]
 
@@ -121,8 +129,11 @@ def inspect_dataset(cfg: RunConfig, *, out_dir: Path | None = None, samples_per_
         "problems": problems,
     }
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"--out '{out_dir}': cannot create the folder ({err.strerror}); give a folder to "
+                              "write inspect.json and samples_per_class.png into") from None
         write_json(out_dir / "inspect.json", result)
         grid = out_dir / "samples_per_class.png"
         prep = Preprocessing(input_size=tile, resize=d.resize, crop_pct=d.crop_pct, roi_crop=d.roi_crop,
@@ -133,6 +144,23 @@ def inspect_dataset(cfg: RunConfig, *, out_dir: Path | None = None, samples_per_
             write_csv(out_dir / "bad_images.csv", problems, ["split", "path", "reason"], lineterminator="\r\n")
             result["files"]["bad_images"] = str(out_dir / "bad_images.csv")
     return result
+
+
+def _check_out_dir(out_dir: Path) -> Path:
+    """``out_dir`` when it is, or can become, a folder; checked before the data is read."""
+    blocking = next((p for p in (out_dir, *out_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"--out '{out_dir}': '{blocking}' is a file, not a folder; give a folder (new or "
+                          "existing) to write inspect.json and samples_per_class.png into")
+    return out_dir
+
+
+def _unsplit_plan(source: DatasetSource) -> SplitPlan:
+    """The splits the data brings, none held out: what inspection shows when a run's split cannot be planned."""
+    empty = SampleTable([], np.zeros(0, dtype=np.int64))
+    tables = {name: source.splits.get(name, empty) for name in SPLITS}
+    return SplitPlan(**tables, strategy="not planned (see problems)",
+                     sources={name: "dataset" if name in source.splits else "none (not planned)" for name in SPLITS})
 
 
 def _ratio(counts: np.ndarray) -> float | None:

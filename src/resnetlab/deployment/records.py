@@ -20,10 +20,18 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import ValidationError, field_validator
 
 import resnetlab
-from resnetlab.checkpoint import resolve_checkpoint_file
+from resnetlab.checkpoint import (
+    ClassesRecord,
+    PreprocessingRecord,
+    StrictRecord,
+    describe_invalid,
+    resolve_checkpoint_file,
+)
 from resnetlab.data.preprocessing import Preprocessing
 from resnetlab.errors import CheckpointError
 
@@ -101,15 +109,52 @@ def read_export_record(folder: str | Path) -> dict[str, Any]:
                               "or a checkpoint") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"'{path}' is not valid JSON ({err}); re-run `resnetlab export`") from None
+    except RecursionError:
+        raise CheckpointError(f"'{path}' is not an export record (nested too deeply); "
+                              "re-run `resnetlab export`") from None
     if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
         raise CheckpointError(f"'{path}' is not a resnetlab export record; re-run `resnetlab export`")
     if record.get("format_version") != RECORD_FORMAT_VERSION:
-        raise CheckpointError(f"'{path}' has export format {record.get('format_version')}; this resnetlab reads "
-                              f"format {RECORD_FORMAT_VERSION}; re-run `resnetlab export`")
+        raise CheckpointError(f"'{path}' has export format {str(record.get('format_version'))[:40]}; this resnetlab "
+                              f"reads format {RECORD_FORMAT_VERSION}; re-run `resnetlab export`")
     for key in ("classes", "preprocessing", "output", "artifact"):
         if key not in record:
             raise CheckpointError(f"'{path}' lacks the '{key}' entry; re-run `resnetlab export`")
-    model_file = folder / record["artifact"]["file"]
+    try:
+        checked = ExportRecord.model_validate(record).model_dump()
+    except ValidationError as err:
+        raise CheckpointError(f"'{path}' is not a usable export record: {describe_invalid(err, 'record')}; "
+                              "re-run `resnetlab export`") from None
+    model_file = folder / checked["artifact"]["file"]
     if not model_file.is_file():
         raise CheckpointError(f"export '{folder}' names model file '{model_file.name}', which is missing")
-    return record
+    return checked
+
+
+class OutputRecord(StrictRecord):
+    name: str = OUTPUT_NAME
+    kind: Literal["logits", "probabilities"]
+
+
+class ArtifactRecord(StrictRecord):
+    format: Literal[tuple(MODEL_FILES)]  # type: ignore[valid-type]
+    file: str
+    precision: Literal["float32", "bf16", "int8"] = "float32"
+
+    @field_validator("file")
+    @classmethod
+    def _inside_the_folder(cls, name: str) -> str:
+        # The model file lies beside the record; a path elsewhere is not something an export writes.
+        if name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            raise ValueError("not a file name inside the export folder")
+        return name
+
+
+class ExportRecord(StrictRecord):
+    """The parts of ``preprocessing.json`` that predict, serve and evaluate --export read."""
+
+    classes: ClassesRecord
+    preprocessing: PreprocessingRecord
+    output: OutputRecord
+    artifact: ArtifactRecord
+    test_time_flip: bool | None = None

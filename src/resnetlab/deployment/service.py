@@ -1,62 +1,174 @@
 """``resnetlab serve``: the model behind a small HTTP API (FastAPI on uvicorn) and a web page.
 
-=============  =====================================================================================================
-``GET /``       a page: choose or drop an image, see the top-5 classes with confidence bars and the latency
+=================  =================================================================================================
+``GET /``          a page: choose or drop an image, see the top-5 classes with confidence bars and the latency
 ``POST /predict``  images as multipart (``file``, or several ``files``; any field name works) or JSON
-               (``{"image": BASE64}`` or ``{"images": [BASE64 | {"filename": ..., "data": BASE64}, ...]}``, data URLs
-               accepted); ``?topk=N`` (default 5). Returns the top-k per image and the server-side latency.
-``GET /health``  liveness: ``{"status": "ok", ...}``
-``GET /model``   the deployment record: model, classes, preprocessing, output kind, export parity, runtime
-=============  =====================================================================================================
+                   (``{"image": BASE64}`` or ``{"images": [BASE64 | {"filename": ..., "data": BASE64}, ...]}``, data
+                   URLs accepted); ``?topk=N`` (default 5). Returns the top-k per image and the server-side latency.
+``GET /health``    liveness: ``{"status": "ok", ...}``
+``GET /model``     the deployment record: model, classes, preprocessing, output kind, export parity, runtime, limits
+``GET /metrics``   Prometheus text format: requests by path and status, a latency histogram, rejects by reason,
+                   requests in flight, predictions running and queued
+=================  =================================================================================================
 
-Bad requests never take the server down and always get a 4xx with a one-line ``detail``: a body above the upload
-limit (default 10 MB, whole request) gets 413 before it is parsed; a file that is not an image gets 415; a
-decompression bomb (a small file that decodes to more pixels than Pillow's limit) gets 413 before it is decoded; a
-truncated image gets 400. Images are decoded by :func:`resnetlab.data.preprocessing.load_image`, the code that
-evaluation and ``predict`` use, so the service answers what ``predict`` answers for the same bytes.
+Bad requests never take the server down and always get a one-line ``detail``: a body above the upload limit (default
+10 MB, whole request) gets 413 before it is parsed; an image of more pixels than ``max_image_pixels`` (default 40
+megapixels) gets 413 once its header is read, before any pixel is decoded; a file that is not an image gets 415; a
+truncated one 400. Images are decoded by :mod:`resnetlab.deployment.decode`: an ordinary image by the loader evaluation
+and ``predict`` use, so the service answers what ``predict`` answers for the same bytes, and a large one without
+full-size copies (a large JPEG at reduced scale).
+
+What a production service needs is built in and set by :class:`ServiceSettings` (``resnetlab serve`` flags):
+
+* bounded work: at most ``max_concurrency`` predictions decode or run at once, ``max_queue`` more wait; beyond that a
+  request gets 503 with ``Retry-After`` at once, before its body is kept, so a burst cannot pile up memory. After a
+  large image the memory is handed back to the operating system (``gc`` and glibc's ``malloc_trim``);
+* ``request_timeout``: a prediction not answered in time gets 504; a queued one never starts, a running one stops at
+  its next step (between images, before the model) and frees its slot then;
+* an optional API key (``api_key``): ``/predict``, ``/model`` and ``/metrics`` then need ``Authorization: Bearer KEY``
+  or ``X-API-Key: KEY`` (401 otherwise); ``/`` and ``/health`` stay open;
+* CORS off unless ``cors_origins`` names origins; FastAPI's ``/docs``, ``/redoc`` and ``/openapi.json`` off unless
+  ``docs``;
+* one JSON access-log line per request on the ``resnetlab.service.access`` logger (method, path, status, latency,
+  client address, bytes in and out; never image contents or headers), and ``/metrics``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
-import io
+import contextlib
+import copy
+import ctypes
+import gc
+import hmac
 import ipaddress
 import json
+import logging
 import os
+import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
-from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse
-from PIL import Image, UnidentifiedImageError
-from starlette.concurrency import run_in_threadpool
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 
 import resnetlab
-from resnetlab.data.preprocessing import load_image
+from resnetlab.data.preprocessing import pil_to_uint8, resize_to_input
+from resnetlab.deployment.decode import UploadRejected, decode_upload
 from resnetlab.deployment.predictor import Predictor, load_predictor
-from resnetlab.errors import DataError
+from resnetlab.deployment.service_settings import ENVIRONMENT_PREFIX, ServiceSettings
 
-DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
-DEFAULT_MAX_FILES = 32
+RETRY_AFTER_S = 1
 MAX_TOPK = 100
 # How much of an oversized body is read and thrown away before answering 413: a client that is still sending when
 # the server answers and closes gets a connection reset instead of the 413, so small excesses are drained.
 DRAIN_LIMIT_BYTES = 64 * 1024 * 1024
-ENVIRONMENT_PREFIX = "RESNETLAB_SERVE_"
+# A request body this large is worth handing its memory back to the operating system after it is served.
+LARGE_BODY_BYTES = 4 * 1024 * 1024
+ACCESS_LOGGER = "resnetlab.service.access"
+REJECT_REASONS = ("too_large", "too_many_pixels", "busy", "timeout", "unauthorized", "bad_image", "bad_request")
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+access_log = logging.getLogger(ACCESS_LOGGER)
 
 
-class UploadRejected(Exception):
-    def __init__(self, status: int, detail: str):
-        super().__init__(detail)
-        self.status, self.detail = status, detail
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics and the access log
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class ServiceMetrics:
+    """The service's Prometheus metrics, in a registry of their own (one per app, never the process-wide one)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("resnetlab_http_requests", "HTTP requests answered, by path and status",
+                                ["path", "status"], registry=self.registry)
+        self.latency = Histogram("resnetlab_http_request_duration_seconds", "Time from request to the end of the "
+                                 "response, by path", ["path"], buckets=LATENCY_BUCKETS_S, registry=self.registry)
+        self.rejected = Counter("resnetlab_rejected_requests", "Requests refused, by reason", ["reason"],
+                                registry=self.registry)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)  # every reason shows, at 0 until it happens
+        self.in_flight = Gauge("resnetlab_http_requests_in_flight", "HTTP requests being served now",
+                               registry=self.registry)
+        self.running = Gauge("resnetlab_predictions_running", "Predictions decoding or running the model now",
+                             registry=self.registry)
+        self.queued = Gauge("resnetlab_predictions_queued", "Predictions admitted and waiting for a slot",
+                            registry=self.registry)
+
+    def exposition(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+class AccessLog:
+    """ASGI middleware: one JSON line per request on the ``resnetlab.service.access`` logger, and the request
+    metrics. Paths outside the app's own are counted as ``other``, so a scanner cannot grow the metrics."""
+
+    def __init__(self, app, metrics: ServiceMetrics, known_paths: frozenset[str]):
+        self.app, self.metrics, self.known_paths = app, metrics, known_paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        began = time.perf_counter()
+        status, bytes_in, bytes_out = 500, 0, 0
+
+        async def counting_receive():
+            nonlocal bytes_in
+            message = await receive()
+            if message["type"] == "http.request":
+                bytes_in += len(message.get("body", b""))
+            return message
+
+        async def counting_send(message):
+            nonlocal status, bytes_out
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":
+                bytes_out += len(message.get("body", b""))
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, counting_receive, counting_send)
+        finally:
+            self.metrics.in_flight.dec()
+            seconds = time.perf_counter() - began
+            path = scope.get("path", "")
+            label = path if path in self.known_paths else "other"
+            self.metrics.requests.labels(label, str(status)).inc()
+            self.metrics.latency.labels(label).observe(seconds)
+            client = scope.get("client")
+            entry = {"method": scope.get("method"), "path": path[:300], "status": status,
+                     "latency_ms": round(seconds * 1000, 3), "client": client[0] if client else None,
+                     "bytes_in": bytes_in, "bytes_out": bytes_out}
+            reason = scope.get("state", {}).get("reject_reason")
+            if reason:
+                entry["rejected"] = reason
+            access_log.info(json.dumps(entry))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Uploads
+# ---------------------------------------------------------------------------------------------------------------
 
 
 class _BodyTooLarge(Exception):
@@ -66,8 +178,8 @@ class _BodyTooLarge(Exception):
 class BodySizeLimit:
     """ASGI middleware: 413 for a request body above ``max_bytes``, announced (Content-Length) or streamed."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, on_reject: Callable[[], None] = lambda: None):
+        self.app, self.max_bytes, self.on_reject = app, max_bytes, on_reject
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -115,6 +227,7 @@ class BodySizeLimit:
             budget -= len(message.get("body", b""))
 
     async def _reject(self, send) -> None:
+        self.on_reject()
         body = json.dumps({"detail": f"request body is larger than the upload limit of {_megabytes(self.max_bytes)}"
                                      " (resnetlab serve --max-upload-mb)"}).encode()
         await send({"type": "http.response.start", "status": 413,
@@ -127,39 +240,16 @@ def _megabytes(n: int) -> str:
     return f"{n / (1024 * 1024):.3g} MB"
 
 
-class _NamedBytes(io.BytesIO):
-    """Upload bytes that print as their file name, so the shared loader's error messages name the upload."""
+async def _discard_body(request: Request, timeout_s: float) -> None:
+    """Read and drop a body that will not be used (the upload limit still applies), so that a client still sending
+    gets the answer instead of a connection reset; a client sending slower than ``timeout_s`` allows is cut off."""
+    async def drain() -> None:
+        async for _ in request.stream():
+            pass
 
-    def __init__(self, data: bytes, name: str):
-        super().__init__(data)
-        self._display_name = name
-
-    def __str__(self) -> str:
-        return self._display_name
-
-
-def decode_upload(data: bytes, name: str) -> Image.Image:
-    """Upload bytes -> RGB image, through the evaluation's loader; :class:`UploadRejected` with a 4xx otherwise."""
-    if not data:
-        raise UploadRejected(400, f"'{name}' is empty")
-    try:
-        # Image.open reads only the header: the size is known before a single pixel is decoded.
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as probe:
-                width, height = probe.size
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
-        raise UploadRejected(413, f"'{name}' would decode to more than {Image.MAX_IMAGE_PIXELS:,} pixels; "
-                                  "refusing a possible decompression bomb") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        raise UploadRejected(415, f"'{name}' is not an image Pillow can read (PNG, JPEG, BMP, GIF, TIFF, WebP, PPM)") from None
-    if width * height > Image.MAX_IMAGE_PIXELS:
-        raise UploadRejected(413, f"'{name}' is {width}x{height} pixels, over the limit of "
-                                  f"{Image.MAX_IMAGE_PIXELS:,} pixels")
-    try:
-        return load_image(_NamedBytes(data, name), None, roi_crop=False)
-    except DataError as err:
-        raise UploadRejected(400, str(err)) from None
+    # a client gone, a body already read (RuntimeError), or a client too slow: answer without the rest
+    with contextlib.suppress(ClientDisconnect, RuntimeError, asyncio.TimeoutError):
+        await asyncio.wait_for(drain(), timeout_s)
 
 
 def _base64_image(value: Any, index: int) -> tuple[str, bytes]:
@@ -205,22 +295,148 @@ async def _read_uploads(request: Request, max_files: int) -> list[tuple[str, byt
                               "{'image': BASE64}")
 
 
-def create_app(predictor: Predictor, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-               max_files: int = DEFAULT_MAX_FILES) -> FastAPI:
-    """The service for one predictor. The model runs one request at a time (its backend already uses every core
-    it was given); uploads are read and decoded concurrently."""
-    app = FastAPI(title="resnetlab", version=resnetlab.__version__,
-                  description="Image classification with a resnetlab model")
-    app.add_middleware(BodySizeLimit, max_bytes=max_upload_bytes)
+# ---------------------------------------------------------------------------------------------------------------
+# Bounded work
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _Admission:
+    """Predictions admitted (running or waiting for one of ``slots``), at most ``slots + queue`` at a time."""
+
+    def __init__(self, slots: int, queue: int):
+        self.capacity = slots + queue
+        self._lock = threading.Lock()
+        self.admitted = self.running = 0
+
+    def try_enter(self) -> bool:
+        with self._lock:
+            if self.admitted >= self.capacity:
+                return False
+            self.admitted += 1
+            return True
+
+    def start(self) -> None:
+        with self._lock:
+            self.running += 1
+
+    def finish(self, started: bool) -> None:
+        with self._lock:
+            self.admitted -= 1
+            self.running -= started
+
+    @property
+    def waiting(self) -> int:
+        return self.admitted - self.running
+
+
+@dataclass
+class _Job:
+    uploads: list[tuple[str, bytes]]  # emptied as the images are decoded, so their bytes go early
+    topk: int
+    body_bytes: int
+    abandoned: threading.Event = field(default_factory=threading.Event)
+    started: bool = False
+
+
+class _Abandoned(Exception):
+    """The request behind a job timed out: stop at the next step."""
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        trim = ctypes.CDLL(None).malloc_trim  # glibc; musl and others have none
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+_malloc_trim: Callable[[int], int] | None = None
+_malloc_trim_loaded = False
+
+
+def return_memory_to_os() -> None:
+    """Collect young garbage and hand the allocator's free pages back to the operating system (glibc's
+    ``malloc_trim``; elsewhere just the collection). Decoding a large image leaves hundreds of MB free in the
+    allocator's arenas, which glibc keeps (one arena per thread) unless asked; without this the service stays near its
+    peak while idle. Image buffers go when their last reference does; the collection only catches a cycle made during
+    the request, so it is limited to the young generations: a full one walks torch's half a million objects, a
+    blocking half second."""
+    global _malloc_trim, _malloc_trim_loaded
+    gc.collect(1)
+    if not _malloc_trim_loaded:
+        _malloc_trim, _malloc_trim_loaded = _load_malloc_trim(), True
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The app
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _presented_key(request: Request) -> str | None:
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return request.headers.get("x-api-key")
+
+
+def create_app(predictor: Predictor, settings: ServiceSettings | None = None, **overrides: Any) -> FastAPI:
+    """The service for one predictor, with ``settings`` (any field of :class:`ServiceSettings` may also be given
+    by name). The model runs one batch at a time (its backend already uses every core it was given); up to
+    ``max_concurrency`` predictions decode at once."""
+    settings = replace(settings or ServiceSettings(), **overrides)
+    executor = ThreadPoolExecutor(max_workers=settings.max_concurrency, thread_name_prefix="resnetlab-predict")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        executor.shutdown(wait=False, cancel_futures=True)
+
+    docs = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="resnetlab", version=resnetlab.__version__, lifespan=lifespan,
+                  description="Image classification with a resnetlab model", **docs)
+    metrics = ServiceMetrics()
+    admission = _Admission(settings.max_concurrency, settings.max_queue)
+    metrics.running.set_function(lambda: admission.running)
+    metrics.queued.set_function(lambda: admission.waiting)
+    # Innermost first: the last middleware added sees the request first.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes,
+                       on_reject=lambda: metrics.rejected.labels("too_large").inc())
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "X-API-Key", "Content-Type"],
+                           expose_headers=["Retry-After"], max_age=600)
+    known_paths = {"/", "/predict", "/health", "/model", "/metrics"}
+    if settings.docs:
+        known_paths |= {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+    app.add_middleware(AccessLog, metrics=metrics, known_paths=frozenset(known_paths))
+
     model_lock = threading.Lock()
     description = predictor.describe()
     description["runtime"].pop("source", None)  # a path on the server: nothing a client needs to know
     model_name = description["model"]["name"]
-    limits = {"max_upload_bytes": max_upload_bytes, "max_files": max_files, "max_pixels": Image.MAX_IMAGE_PIXELS}
+    expected_key = settings.api_key.encode() if settings.api_key else None
+
+    async def authorized(request: Request) -> None:
+        if expected_key is None:
+            return
+        presented = _presented_key(request)
+        # compare_digest: the time taken does not tell how much of a guess was right
+        if presented is not None and hmac.compare_digest(presented.encode(), expected_key):
+            return
+        await _discard_body(request, settings.request_timeout)
+        raise UploadRejected(401, "this service needs an API key: send 'Authorization: Bearer KEY' or "
+                                  "'X-API-Key: KEY'", "unauthorized", headers={"WWW-Authenticate": "Bearer"})
 
     @app.exception_handler(UploadRejected)
     async def _rejected(request: Request, err: UploadRejected):
-        return JSONResponse({"detail": err.detail}, status_code=err.status)
+        metrics.rejected.labels(err.reason).inc()
+        request.state.reject_reason = err.reason
+        return JSONResponse({"detail": err.detail}, status_code=err.status, headers=err.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, err: Exception):
@@ -236,40 +452,102 @@ def create_app(predictor: Predictor, *, max_upload_bytes: int = DEFAULT_MAX_UPLO
         return {"status": "ok", "model": model_name, "backend": predictor.backend.name,
                 "classes": len(predictor.class_names), "resnetlab_version": resnetlab.__version__}
 
-    @app.get("/model")
+    @app.get("/model", dependencies=[Depends(authorized)])
     def model() -> dict[str, Any]:
-        return {**description, "limits": limits}
+        return {**description, "limits": settings.limits(), "api_key_required": expected_key is not None}
 
-    def run_prediction(uploads: list[tuple[str, bytes]], topk: int) -> dict[str, Any]:
-        began = time.perf_counter()
-        images = [decode_upload(data, name) for name, data in uploads]
-        batch = torch.stack([predictor.prepare_pil(image) for image in images])
-        decoded = time.perf_counter()
-        with model_lock:
-            started = time.perf_counter()
-            predictions = predictor.predict_tensors(batch, [name for name, _ in uploads], topk=topk)
-            finished = time.perf_counter()
+    @app.get("/metrics", dependencies=[Depends(authorized)])
+    def metrics_page() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    def run_prediction(job: _Job) -> dict[str, Any]:
+        admission.start()
+        job.started = True
+        large = job.body_bytes >= LARGE_BODY_BYTES
+        try:
+            began = time.perf_counter()
+            names = [name for name, _ in job.uploads]
+            tensors, sizes = [], []
+            while job.uploads:
+                if job.abandoned.is_set():
+                    raise _Abandoned
+                name, data = job.uploads.pop(0)
+                decoded = decode_upload(data, name, predictor.prep, settings.max_image_pixels)
+                large = large or decoded.large
+                # Predictor.prepare_pil without its convert("RGB"): the image is RGB already, and a large one is
+                # not worth copying.
+                tensors.append(pil_to_uint8(resize_to_input(decoded.image, predictor.prep)))
+                sizes.append((decoded.width, decoded.height))
+                del decoded, data
+            batch = torch.stack(tensors)
+            del tensors
+            decoded_at = time.perf_counter()
+            if job.abandoned.is_set():
+                raise _Abandoned
+            with model_lock:
+                started = time.perf_counter()
+                predictions = predictor.predict_tensors(batch, names, topk=job.topk)
+                finished = time.perf_counter()
+        finally:
+            job.uploads.clear()
+            if large:
+                return_memory_to_os()
         return {
             "model": model_name,
             "backend": predictor.backend.name,
             "precision": predictor.backend.precision,
-            "topk": topk,
+            "topk": job.topk,
             "latency_ms": {"total": round((finished - began) * 1000, 3),
-                           "decode": round((decoded - began) * 1000, 3),
-                           "queue": round((started - decoded) * 1000, 3),
+                           "decode": round((decoded_at - began) * 1000, 3),
+                           "queue": round((started - decoded_at) * 1000, 3),
                            "inference": round((finished - started) * 1000, 3)},
-            "predictions": [{"filename": p.path, "width": image.width, "height": image.height,
-                             "top": p.to_dict()["top"]} for p, image in zip(predictions, images)],
+            "predictions": [{"filename": p.path, "width": width, "height": height, "top": p.to_dict()["top"]}
+                            for p, (width, height) in zip(predictions, sizes)],
         }
 
-    @app.post("/predict")
+    def timed_out() -> UploadRejected:
+        return UploadRejected(504, f"the prediction took longer than the request timeout of "
+                                   f"{settings.request_timeout:g} s (resnetlab serve --request-timeout)", "timeout")
+
+    @app.post("/predict", dependencies=[Depends(authorized)])
     async def predict(request: Request, topk: int = Query(5, ge=1, le=MAX_TOPK)) -> dict[str, Any]:
-        uploads = await _read_uploads(request, max_files)
-        if not uploads:
-            raise HTTPException(400, "no image in the request: send a file field (multipart) or an 'image' (JSON)")
-        if len(uploads) > max_files:
-            raise HTTPException(413, f"too many images in one request; the limit is {max_files}")
-        return await run_in_threadpool(run_prediction, uploads, topk)
+        # Admission comes before the body is kept: a rejected request costs no memory.
+        if not admission.try_enter():
+            await _discard_body(request, settings.request_timeout)
+            raise UploadRejected(503, f"the service is busy ({settings.max_concurrency} predictions running and "
+                                      f"{settings.max_queue} waiting); retry in {RETRY_AFTER_S} s",
+                                 "busy", headers={"Retry-After": str(RETRY_AFTER_S)})
+        deadline = time.monotonic() + settings.request_timeout
+        handed_over = False
+        try:
+            try:
+                uploads = await asyncio.wait_for(_read_uploads(request, settings.max_files), settings.request_timeout)
+            except asyncio.TimeoutError:
+                raise timed_out() from None
+            if not uploads:
+                raise UploadRejected(400, "no image in the request: send a file field (multipart) or an 'image' "
+                                          "(JSON)")
+            if len(uploads) > settings.max_files:
+                raise UploadRejected(413, f"too many images in one request; the limit is {settings.max_files}",
+                                     "too_large")
+            job = _Job(uploads, topk, body_bytes=sum(len(data) for _, data in uploads))
+            del uploads
+            future = executor.submit(run_prediction, job)
+            # The slot is freed when the work has really stopped (or was cancelled before it began), so the bound
+            # on memory holds even for requests that timed out.
+            future.add_done_callback(lambda _: admission.finish(job.started))
+            handed_over = True
+            try:
+                return await asyncio.wait_for(asyncio.wrap_future(future), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                job.abandoned.set()
+                future.cancel()
+                raise timed_out() from None
+        finally:
+            if not handed_over:
+                admission.finish(False)
 
     return app
 
@@ -284,7 +562,7 @@ def app_from_environment() -> FastAPI:
     get = lambda key: os.environ[ENVIRONMENT_PREFIX + key]  # noqa: E731
     predictor = load_predictor(get("SOURCE"), backend=get("BACKEND"), threads=int(get("THREADS")),
                                precision=get("PRECISION"))
-    return create_app(predictor, max_upload_bytes=int(get("MAX_UPLOAD_BYTES")), max_files=int(get("MAX_FILES")))
+    return create_app(predictor, ServiceSettings.from_environment())
 
 
 def is_loopback(host: str) -> bool:
@@ -296,32 +574,49 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def uvicorn_log_config() -> dict[str, Any]:
+    """uvicorn's logging, with the access log as this service's JSON lines (uvicorn's own access log is off)."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"]["resnetlab_access"] = {"format": "%(message)s"}
+    config["handlers"]["resnetlab_access"] = {"formatter": "resnetlab_access", "class": "logging.StreamHandler",
+                                              "stream": "ext://sys.stdout"}
+    config["loggers"][ACCESS_LOGGER] = {"handlers": ["resnetlab_access"], "level": "INFO", "propagate": False}
+    return config
+
+
 def serve(source: str | Path, *, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, backend: str = "auto",
-          precision: str = "auto", max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-          max_files: int = DEFAULT_MAX_FILES, log: Callable[[str], None] = print) -> None:
-    """Serve ``source`` (checkpoint, run directory or export folder) until interrupted."""
+          precision: str = "auto", settings: ServiceSettings | None = None, log: Callable[[str], None] = print,
+          **overrides: Any) -> None:
+    """Serve ``source`` (checkpoint, run directory or export folder) until interrupted, with ``settings`` (or any of
+    their fields by name, e.g. ``max_upload_bytes=...``, ``api_key=...``)."""
     import uvicorn
 
     from resnetlab.deployment.backends import default_threads
 
+    settings = replace(settings or ServiceSettings(), **overrides)
     if not is_loopback(host):
-        log(f"warning: serving on {host}, reachable from other machines; the service has no authentication")
+        if settings.api_key is None:
+            log(f"warning: serving on {host}, reachable from other machines, without an API key (--api-key)")
+        else:
+            log(f"warning: serving on {host}, reachable from other machines; plain HTTP carries the API key in the "
+                "clear, so put a TLS proxy in front")
     threads = default_threads(workers)
     # Load once here: a bad source fails before uvicorn starts, and a checkpoint is exported once, not per worker.
     predictor = load_predictor(source, backend=backend, threads=threads, precision=precision, log=log)
     log(f"serving {predictor.source} with {predictor.backend.name} ({predictor.backend.precision}), "
-        f"{workers} worker(s) x {threads} thread(s), on http://{host}:{port}/")
+        f"{workers} worker(s) x {threads} thread(s), on http://{host}:{port}/"
+        f"{' (API key required)' if settings.api_key else ''}")
+    options = {"host": host, "port": port, "log_level": "info", "access_log": False,
+               "log_config": uvicorn_log_config()}
     if workers == 1:
-        uvicorn.run(create_app(predictor, max_upload_bytes=max_upload_bytes, max_files=max_files), host=host,
-                    port=port, log_level="info")
+        uvicorn.run(create_app(predictor, settings), **options)
         return
     # A checkpoint's cached export was made above: the workers load that folder instead of exporting again.
     worker_source = str(predictor.artifact_dir or source)
     os.environ.update({ENVIRONMENT_PREFIX + "SOURCE": worker_source,
                        ENVIRONMENT_PREFIX + "BACKEND": "auto" if worker_source != str(source) else backend,
                        ENVIRONMENT_PREFIX + "THREADS": str(threads),
-                       ENVIRONMENT_PREFIX + "PRECISION": precision,
-                       ENVIRONMENT_PREFIX + "MAX_UPLOAD_BYTES": str(max_upload_bytes),
-                       ENVIRONMENT_PREFIX + "MAX_FILES": str(max_files)})
-    uvicorn.run("resnetlab.deployment.service:app_from_environment", factory=True, host=host, port=port,
-                workers=workers, log_level="info")
+                       ENVIRONMENT_PREFIX + "PRECISION": precision, **settings.to_environment()})
+    uvicorn.run("resnetlab.deployment.service:app_from_environment", factory=True, workers=workers, **options)

@@ -12,7 +12,9 @@ the accuracy of what is deployed, measured on the whole split rather than on the
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +26,14 @@ from resnetlab.config import DataConfig, RunConfig, parse_override, set_dotted, 
 from resnetlab.data.augment import get_policy
 from resnetlab.data.build import eval_batches_for_table
 from resnetlab.data.datasets import open_dataset_for_model
+from resnetlab.data.formats.common import describe_paths
 from resnetlab.data.preprocessing import Preprocessing, normalize, prepare_image
 from resnetlab.data.records import SampleTable
 from resnetlab.data.splits import plan_data_splits
 from resnetlab.engine.evaluation_loop import evaluate_loader
 from resnetlab.engine.runtime import Runtime, resolve_runtime
 from resnetlab.errors import ConfigError, DataError
+from resnetlab.utils.io import write_csv_rows
 
 GRADCAM_IMAGES = 16
 
@@ -185,10 +189,51 @@ def evaluation_data_config(saved: RunConfig, data_spec: str | None, overrides: l
     return validate_config(tree, source="evaluate").data
 
 
+def default_evaluation_dir(checkpoint: Path, data_spec: str | None, split: str) -> Path:
+    """Where an evaluation goes unless told: ``<run>/evaluations/<data>-<split>-<YYYYmmdd-HHMMSS>``, beside (never
+    in) the run's own ``eval/``. ``<data>`` names the dataset by its kind and folder or file (``folder-my_photos``,
+    ``csv-shifted-Test``, ``synthetic-signs``), or is ``trained-data`` when ``--data`` is not given; a name already
+    taken gets ``-2``, ``-3``...
+    """
+    from resnetlab.data.datasets import parse_spec
+
+    run_dir = checkpoint if checkpoint.is_dir() else checkpoint.resolve().parent.parent
+    if data_spec:
+        kind, location = parse_spec(data_spec)
+        where = Path(location)
+        # a file (csv:shifted/Test.csv) is named with its folder: csv-shifted-Test
+        names = (where.parent.name, where.stem) if where.suffix else (where.name,)
+        data_name = "-".join(part for part in (kind, *names) if part)
+    else:
+        data_name = "trained-data"
+    data_name = re.sub(r"[^A-Za-z0-9._-]+", "_", data_name).strip("._") or "data"
+    base = run_dir / "evaluations" / f"{data_name}-{split}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    candidate, number = base, 2
+    while candidate.exists():
+        candidate, number = base.with_name(f"{base.name}-{number}"), number + 1
+    return candidate
+
+
+def check_evaluation_dir(out_dir: Path, *, overwrite: bool) -> None:
+    """Refuse to write an evaluation over files already there (a run's own ``eval/``, an earlier evaluation)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out '{out_dir}' is a file; choose a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise ConfigError(f"--out '{out_dir}' is not empty (an earlier evaluation, or a run's own test results); "
+                          "choose another folder, leave --out out (a new folder under the run's evaluations/), or "
+                          "add --overwrite to write over its files")
+
+
 def evaluate_job(checkpoint: Path, data_spec: str | None, split: str, out_dir: Path, *, tta: bool = False,
                  device: str = "auto", batch_size: int | None = None, overrides: list[str] | None = None,
-                 export_dir: Path | None = None, log: Callable[[str], None] = print) -> Path:
-    """Evaluate ``checkpoint`` (a file or run directory), or with ``export_dir`` its export, on ``split``."""
+                 export_dir: Path | None = None, overwrite: bool = False,
+                 log: Callable[[str], None] = print) -> Path:
+    """Evaluate ``checkpoint`` (a file or run directory), or with ``export_dir`` its export, on ``split``.
+
+    ``out_dir`` must be empty or new unless ``overwrite``. Images that cannot be decoded stop the evaluation with
+    their names, or with ``data.on_bad_image=skip`` are left out, logged and listed in ``out_dir/bad_images.csv``.
+    """
+    check_evaluation_dir(out_dir, overwrite=overwrite)
     state = load_checkpoint(checkpoint)
     model, meta = model_from_checkpoint(state)
     prep = preprocessing_from_meta(meta)
@@ -196,6 +241,8 @@ def evaluate_job(checkpoint: Path, data_spec: str | None, split: str, out_dir: P
     data_cfg = evaluation_data_config(saved, data_spec, overrides)
 
     source, mapping = open_dataset_for_model(data_cfg, meta)
+    for note in source.notes:
+        log(note)
     same_dataset = source.fingerprint() == meta["data"]["fingerprint"]
 
     if split == "all":
@@ -245,7 +292,19 @@ def evaluate_job(checkpoint: Path, data_spec: str | None, split: str, out_dir: P
     model = model.to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    batches, table = eval_batches_for_table(table, prep, batch_size or saved.data.eval_batch_size, split=split)
+    batches, table, unreadable = eval_batches_for_table(table, prep, batch_size or saved.data.eval_batch_size,
+                                                        on_bad_image="skip", split=split)
+    if unreadable and data_cfg.on_bad_image == "error":
+        raise DataError(f"{len(unreadable)} unreadable image(s) in the {split} split: "
+                        f"{describe_paths([b.path for b in unreadable])}. Fix or remove them, or pass "
+                        "data.on_bad_image=skip to evaluate without them")
+    if unreadable:
+        log(f"data.on_bad_image=skip: skipped {len(unreadable)} unreadable image(s) of the {split} split, listed in "
+            f"{out_dir / 'bad_images.csv'}: {describe_paths([b.path for b in unreadable])}")
+        write_csv_rows(out_dir / "bad_images.csv", ["split", "path", "reason"],
+                       [(split, b.path, b.reason) for b in unreadable])
+    if len(table) == 0:
+        raise DataError(f"no readable image left in the {split} split of {source.spec}")
     flip_allowed = bool(get_policy(saved.augment.preset).hflip)
     if tta and not flip_allowed:
         log(f"note: the '{saved.augment.preset}' augmentation preset does not flip images (mirror-image classes), "

@@ -8,6 +8,7 @@ import platform
 import shutil
 import socket
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from resnetlab.data.records import DatasetSource
 from resnetlab.data.splits import SplitPlan
 from resnetlab.data.splits import write_split_manifest
 from resnetlab.engine.distributed import DistributedContext, init_distributed, wrap_model
-from resnetlab.engine.runtime import resolve_runtime, seed_everything
+from resnetlab.engine.runtime import Runtime, resolve_runtime, seed_everything
 from resnetlab.engine.trainer import Trainer
 from resnetlab.errors import ConfigError
 from resnetlab.jobs.evaluate import deployment_check, evaluate_model_on_batches
@@ -34,23 +35,73 @@ def default_run_dir(recipe: str) -> Path:
     return Path("runs") / f"{recipe}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def prepare_run_dir(out: Path, *, overwrite: bool, resume: bool) -> None:
+# Files that only a resnetlab run writes beside its config.yaml: --overwrite replaces a folder holding both, and
+# nothing else (a config.yaml alone may belong to anything).
+RUN_MARKERS = ("run_info.json", "checkpoints", "train.log", "metrics.csv", "splits.csv")
+
+
+def is_run_dir(folder: Path) -> bool:
+    """Whether ``folder`` holds a resnetlab run (its config.yaml and at least one other file every run writes)."""
+    return (folder / "config.yaml").is_file() and any((folder / name).exists() for name in RUN_MARKERS)
+
+
+def check_run_dir(out: Path, *, overwrite: bool, resume: bool) -> None:
+    """Refuse an output folder the run may not use, before anything is read or written."""
     if resume:
         if not (out / "checkpoints" / "last.pt").is_file():
             raise ConfigError(f"--resume '{out}': no checkpoints/last.pt there to resume from")
-        # A run killed while writing leaves the temporary file of that write behind (the checkpoint it was
-        # replacing is intact): remove such leftovers.
-        for leftover in itertools.chain(out.glob(".*.tmp"), (out / "checkpoints").glob(".*.tmp"),
-                                        (out / "eval").glob(".*.tmp")):
-            leftover.unlink(missing_ok=True)
         return
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out '{out}' is a file; choose a folder")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise ConfigError(f"--out '{out}' is not empty; choose another folder, add --overwrite, or --resume it")
-        shutil.rmtree(out)
+        if not is_run_dir(out):
+            raise ConfigError(f"--out '{out}' is not a resnetlab run (no config.yaml with run_info.json, checkpoints/ "
+                              "or train.log), so --overwrite will not delete it; choose another folder")
+
+
+def prepare_run_dir(out: Path, *, overwrite: bool, resume: bool) -> Path:
+    """Create the folder the run writes into, once its config and data have been checked, and return it.
+
+    That is ``out`` itself, except when ``out`` holds a run that --overwrite replaces: then the new run is written
+    into a new folder beside it, which :func:`replace_run_dir` moves into place when the run has finished, so a
+    run that fails or is killed leaves the earlier one as it was.
+    """
+    check_run_dir(out, overwrite=overwrite, resume=resume)  # again: the folder may have changed meanwhile
+    if resume:
+        # A run killed while writing leaves the temporary file of that write behind (the checkpoint it was
+        # replacing is intact): remove such leftovers.
+        for leftover in itertools.chain(out.glob(".*.tmp"), (out / "checkpoints").glob(".*.tmp"),
+                                        (out / "eval").glob(".*.tmp")):
+            leftover.unlink(missing_ok=True)
+        return out
+    if out.is_dir() and any(out.iterdir()):
+        new = _free_sibling(out.resolve(), "new")
+        new.mkdir()
+        return new
     out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def replace_run_dir(new: Path, out: Path) -> None:
+    """Put the finished run ``new`` (from :func:`prepare_run_dir`) in the place of the run in ``out``."""
+    target = out.resolve()
+    if target.exists():
+        # Two renames: a kill between them leaves both runs complete, the earlier one in .NAME.old-PID.
+        old = _free_sibling(target, "old")
+        os.rename(target, old)
+        os.rename(new, target)
+        shutil.rmtree(old)
+    else:
+        os.rename(new, target)
+
+
+def _free_sibling(folder: Path, role: str) -> Path:
+    """An unused name for a hidden folder beside ``folder`` (on the same file system, so that a rename is a move)."""
+    stem = f".{folder.name}.{role}-{os.getpid()}"
+    return next(sibling for sibling in (folder.parent / (stem + (f"-{n}" if n else "")) for n in itertools.count())
+                if not sibling.exists())
 
 
 def model_kwargs_of(cfg: RunConfig) -> dict:
@@ -95,23 +146,59 @@ def train_job(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: boo
     ``source``/``plan`` replace reading and splitting ``cfg.data`` (tuning passes each fold's split); ``evaluate``
     and ``report`` can be turned off for runs whose test split is not to be looked at (k-fold trials).
     ``on_epoch_end(epoch, row)`` is called after every epoch; returning False stops training (tuning's pruner).
+
+    Everything a user's input can fail on (the output folder, the model name, the data, its images) is checked
+    before the run directory is touched; with ``overwrite`` the earlier run is replaced only when the new one has
+    finished.
     """
     dist = init_distributed(cfg.train.device)
     if dist.is_main:
-        prepare_run_dir(out, overwrite=overwrite, resume=resume)
-    dist.barrier()
-    log = RunLog(out / "train.log", quiet=cfg.logging.quiet, enabled=dist.is_main)
+        check_run_dir(out, overwrite=overwrite, resume=resume)
+    # Only rank 0 writes; the others log nowhere.
+    log = RunLog(None, quiet=cfg.logging.quiet, enabled=dist.is_main)
     started = time.time()
+    run_dir = None
     try:
-        return _train(cfg, out, log, dist, resume=resume, started=started, source=source, plan=plan,
-                      evaluate=evaluate, report=report, on_epoch_end=on_epoch_end)
+        inputs = _open_inputs(cfg, log, dist, source=source, plan=plan)
+        # Every rank must write (rank 0) or read (checkpoints on --resume) the same folder: rank 0 chooses it.
+        run_dir = dist.broadcast_object(prepare_run_dir(out, overwrite=overwrite, resume=resume)
+                                        if dist.is_main else None)
+        if dist.is_main:
+            # config.yaml first: with it and train.log the folder is recognisably a run from its first moment on
+            write_text(run_dir / "config.yaml", cfg.to_yaml())
+        log.attach(run_dir / "train.log")
+        if run_dir != out:
+            log(f"--overwrite: writing the new run in {run_dir}; it replaces the run in {out} when it has finished")
+        _train(cfg, run_dir, log, dist, inputs, resume=resume, started=started, evaluate=evaluate, report=report,
+               on_epoch_end=on_epoch_end)
+        if dist.is_main and run_dir != out:
+            log(f"replacing the earlier run in {out} with this one")
+    except BaseException:
+        if dist.is_main and run_dir is not None and run_dir != out:
+            log.close()
+            shutil.rmtree(run_dir, ignore_errors=True)  # the unfinished new run; the earlier one stays
+        raise
     finally:
         log.close()
+    if dist.is_main and run_dir != out:
+        replace_run_dir(run_dir, out)
+    return out
 
 
-def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, *, resume: bool, started: float,
-           source: DatasetSource | None, plan: SplitPlan | None, evaluate: bool, report: bool,
-           on_epoch_end=None) -> Path:
+@dataclass
+class _Inputs:
+    """What a run is built from, opened and checked before its directory is created."""
+
+    runtime: Runtime
+    eval_runtime: Runtime
+    data: RunData
+    model: torch.nn.Module
+    net: torch.nn.Module
+    origin: str
+
+
+def _open_inputs(cfg: RunConfig, log: RunLog, dist: DistributedContext, *, source: DatasetSource | None,
+                 plan: SplitPlan | None) -> _Inputs:
     # Check what the user named before printing anything, so that a typo gets one clear line and nothing else.
     from resnetlab.models import resolve_model_name
 
@@ -130,8 +217,6 @@ def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, *, 
         log(f"distributed: {dist.world_size} processes ({torch.distributed.get_backend()}), global batch "
             f"{cfg.data.batch_size} = {dist.world_size} x {data_cfg.data.batch_size} per process"
             f"{', SyncBatchNorm' if cfg.train.sync_bn else ''}")
-    if dist.is_main:
-        write_text(out / "config.yaml", cfg.to_yaml())
 
     data = build_run_data(data_cfg, rank=dist.rank, world_size=dist.world_size,
                           pin_memory=runtime.device.type == "cuda", log=log, source=source, plan=plan)
@@ -144,9 +229,6 @@ def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, *, 
     class_map = ", ".join(f"{i}={cid}" + (f" ({name})" if str(cid) != name else "")
                           for i, (cid, name) in enumerate(zip(data.source.class_ids, data.source.class_names)))
     log(f"classes ({data.source.num_classes}): {class_map}")
-    if dist.is_main:
-        write_split_manifest(data.plan, data.source.class_names, out / "splits.csv")
-        _write_bad_images(data, out)
 
     model, origin = build_model(cfg, data.source.num_classes, log)
     model = model.to(runtime.device)
@@ -156,6 +238,17 @@ def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, *, 
     if cfg.train.compile:
         net = torch.compile(net)
         log("torch.compile: on (the first steps include compilation)")
+    return _Inputs(runtime=runtime, eval_runtime=eval_runtime, data=data, model=model, net=net, origin=origin)
+
+
+def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, inputs: _Inputs, *, resume: bool,
+           started: float, evaluate: bool, report: bool, on_epoch_end=None) -> Path:
+    runtime, eval_runtime, data, model, net, origin = (inputs.runtime, inputs.eval_runtime, inputs.data,
+                                                       inputs.model, inputs.net, inputs.origin)
+    if dist.is_main:
+        write_split_manifest(data.plan, data.source.class_names, out / "splits.csv")
+        _write_bad_images(data, out)
+
     def make_trainer(run_cfg: RunConfig) -> Trainer:
         return Trainer(run_cfg, data, model, runtime, out, log, model_kwargs=model_kwargs_of(run_cfg),
                        is_main=dist.is_main, ddp_model=net if net is not model else None, dist=dist,

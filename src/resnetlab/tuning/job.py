@@ -109,11 +109,15 @@ def tune_job(base: RunConfig, space: SearchSpace, options: TuneOptions) -> TuneO
     _check_options(space, options)
     out = Path(options.out)
     if options.overwrite:
+        _check_discardable(out)
+    # The data is read and cut into folds before anything is discarded: bad data leaves an earlier tune as it was.
+    cv = build_cross_validation(base, options.folds)
+    if options.overwrite:
         _discard_previous(out, options)
     out.mkdir(parents=True, exist_ok=True)
     log = RunLog(out / "tune.log", quiet=base.logging.quiet)
     try:
-        return _tune(base, space, options, out, log)
+        return _tune(base, space, options, out, log, cv)
     finally:
         log.close()
 
@@ -128,14 +132,25 @@ def _check_options(space: SearchSpace, options: TuneOptions) -> None:
                           "use --search optuna --trials N for ranges")
 
 
+# Files only a tune writes: --overwrite discards a folder holding one of them, and nothing else.
+TUNE_MARKERS = ("tune.log", "tune.json", "base_config.yaml")
+
+
+def _check_discardable(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out '{out}' is a file; choose a folder")
+    if out.is_dir() and any(out.iterdir()) and not any((out / name).is_file() for name in TUNE_MARKERS):
+        raise ConfigError(f"--out '{out}' is not a resnetlab tune folder (no tune.log or tune.json), so --overwrite "
+                          "will not delete it; choose another folder")
+
+
 def _discard_previous(out: Path, options: TuneOptions) -> None:
+    _check_discardable(out)
     if options.storage not in (None, "", "sqlite", "journal"):
         storage = resolve_storage(options.storage, out)
         with contextlib.suppress(KeyError):
             optuna.delete_study(study_name=options.study_name or out.resolve().name, storage=storage)
     if out.exists():
-        if not out.is_dir():
-            raise ConfigError(f"--out '{out}' is a file; choose a folder")
         shutil.rmtree(out)
 
 
@@ -181,10 +196,10 @@ def _pruner(options: TuneOptions):
     return optuna.pruners.MedianPruner(n_startup_trials=options.prune_startup_trials, n_warmup_steps=0)
 
 
-def _tune(base: RunConfig, space: SearchSpace, options: TuneOptions, out: Path, log: RunLog) -> TuneOutcome:
+def _tune(base: RunConfig, space: SearchSpace, options: TuneOptions, out: Path, log: RunLog,
+          cv: CrossValidation) -> TuneOutcome:
     worker = worker_record()
     log(f"tune worker {worker['host']}:{worker['pid']} in {out}")
-    cv = build_cross_validation(base, options.folds)
     log(cv.describe())
     setup = _setup(base, space, options, cv)
     storage = resolve_storage(options.storage, out)

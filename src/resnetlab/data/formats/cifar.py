@@ -80,29 +80,113 @@ def find_batches(root: Path, kind: str) -> Path | None:
     return None
 
 
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    """``_codecs.encode`` as Python 3 protocol-2 pickles use it for ``bytes`` (numpy's raw pixels among them):
+    only the latin1 round trip, not an arbitrary codec."""
+    if not isinstance(text, str) or encoding.replace("-", "").replace("_", "").lower() not in ("latin1", "iso88591"):
+        raise pickle.UnpicklingError(f"_codecs.encode({type(text).__name__}, {encoding!r}) is not a latin1 byte string")
+    return text.encode("latin1")
+
+
+def _batch_globals() -> dict[tuple[str, str], object]:
+    """Every global a CIFAR batch may name, and the object it stands for: the pieces numpy rebuilds arrays and
+    scalars from (under the module names of numpy 1 and numpy 2 pickles alike) and the bytes of Python 3 pickles."""
+    try:
+        from numpy._core import multiarray, numeric
+    except ImportError:  # numpy 1
+        from numpy.core import multiarray, numeric
+
+    allowed: dict[tuple[str, str], object] = {("_codecs", "encode"): _latin1_encode}
+    for package in ("numpy.core", "numpy._core"):
+        allowed |= {(f"{package}.multiarray", "_reconstruct"): multiarray._reconstruct,
+                    (f"{package}.multiarray", "scalar"): multiarray.scalar,
+                    (f"{package}.numeric", "_frombuffer"): numeric._frombuffer}
+    return allowed | {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Reads what the published batches hold (dicts, lists, strings, numbers, numpy arrays) and refuses any other
+    global: unpickling calls whatever a pickle names, so a crafted batch could otherwise run any code."""
+
+    def __init__(self, handle, path: Path):
+        # The published batches are Python 2 pickles; latin1 turns their byte strings into str keys losslessly.
+        super().__init__(handle, encoding="latin1")
+        self.path = path
+        self.allowed = _batch_globals()
+
+    def find_class(self, module: str, name: str) -> object:
+        try:
+            return self.allowed[(module, name)]
+        except KeyError:
+            refused = repr(f"{module}.{name}")  # repr: the names come from the file and may hold anything
+            raise DataError(f"'{self.path}' is not a CIFAR batch: it asks to load {refused[:120]}, which CIFAR "
+                            "batches never hold (only lists, numbers, strings and numpy arrays), so resnetlab "
+                            "refused to read it; use the batches of the published archive") from None
+
+    def persistent_load(self, pid: object) -> object:
+        raise pickle.UnpicklingError("persistent ids are not part of a CIFAR batch")
+
+
 def _load_batch(path: Path) -> dict[str, object]:
     try:
         with open(path, "rb") as handle:
-            # The published batches are Python 2 pickles; latin1 turns their byte strings into str keys losslessly.
-            batch = pickle.load(handle, encoding="latin1")
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as err:
-        raise DataError(f"'{path}' is not a readable CIFAR pickle batch ({type(err).__name__}: {err}); "
+            batch = _BatchUnpickler(handle, path).load()
+    except DataError:
+        raise
+    except MemoryError:
+        raise DataError(f"'{path}' is not a readable CIFAR pickle batch (it asks for more memory than there is); "
+                        "re-download or re-extract the archive") from None
+    except Exception as err:  # noqa: BLE001 - the bytes are the user's: any failure to unpickle them is the file's
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(f"'{path}' is not a readable CIFAR pickle batch ({type(err).__name__}: {reason[:200]}); "
                         "re-download or re-extract the archive") from None
     if not isinstance(batch, dict):
         raise DataError(f"'{path}' is not a CIFAR batch (a pickled dict with 'data' and labels)")
-    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in batch.items()}
+    return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in batch.items()}
+
+
+def _as_array(batch: dict[str, object], key: str, dtype: type, path: Path) -> np.ndarray:
+    value = batch[key]
+    # An array, or a flat list of integers (the published label lists). Nested lists are refused before numpy sees
+    # them: pickle references let a small file hold lists that expand to billions of items.
+    if not isinstance(value, np.ndarray) and not (
+            isinstance(value, list) and all(isinstance(item, (int, np.integer)) for item in value)):
+        raise DataError(f"'{path}': the '{key}' entry is {type(value).__name__}, not an array or a list of integers; "
+                        "re-download or re-extract the archive")
+    try:
+        with np.errstate(all="ignore"):
+            array = np.asarray(value)
+            if array.dtype.kind not in "biu" or (array.size and (array.min() < np.iinfo(dtype).min
+                                                                 or array.max() > np.iinfo(dtype).max)):
+                raise ValueError(f"values of type {array.dtype} where integers {np.iinfo(dtype).min}.."
+                                 f"{np.iinfo(dtype).max} belong")
+            return array.astype(dtype)
+    except (ValueError, TypeError, OverflowError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(f"'{path}': the '{key}' entry is not an array of integers ({reason[:200]}); "
+                        "re-download or re-extract the archive") from None
 
 
 def _batch_arrays(batch: dict[str, object], path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     if "data" not in batch or label_key not in batch:
         raise DataError(f"'{path}' lacks the '{'data' if 'data' not in batch else label_key}' entry of a CIFAR batch "
-                        f"(it has: {', '.join(sorted(batch))})")
-    data = np.asarray(batch["data"], dtype=np.uint8)
-    labels = np.asarray(batch[label_key], dtype=np.int64)
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
-        raise DataError(f"'{path}': 'data' has shape {data.shape} for {len(labels)} labels; a CIFAR batch holds "
-                        "N rows of 3072 bytes (32x32, red then green then blue planes)")
+                        f"(it has: {', '.join(sorted(map(str, batch)))})")
+    data = _as_array(batch, "data", np.uint8, path)
+    labels = _as_array(batch, label_key, np.int64, path)
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.ndim != 1 or len(data) != len(labels):
+        raise DataError(f"'{path}': 'data' has shape {data.shape} for labels of shape {labels.shape}; a CIFAR batch "
+                        "holds N rows of 3072 bytes (32x32, red then green then blue planes) and N labels")
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
+
+def _label_lists(batch: dict[str, object], path: Path, images: int) -> dict[str, np.ndarray]:
+    """Every label list of the batch (fine and coarse ones in CIFAR-100), one label per image."""
+    lists = {key: _as_array(batch, key, np.int64, path) for key in LABEL_KEYS if key in batch}
+    for key, labels in lists.items():
+        if labels.shape != (images,):
+            raise DataError(f"'{path}': '{key}' has shape {labels.shape} for {images} images; a CIFAR batch holds "
+                            "one label per image")
+    return lists
 
 
 def _content_hash(paths: list[Path]) -> str:
@@ -125,22 +209,25 @@ def materialise_batches(folder: Path, kind: str, *, threads: int = 2) -> Path:
     label_key = "labels" if kind == "cifar10" else "fine_labels"
     partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
-    for batch_file in batch_files:
-        batch = _load_batch(batch_file)
-        images, _ = _batch_arrays(batch, batch_file, label_key)
-        out = partial / batch_file.name
-        out.mkdir(parents=True)
-        # The label lists too, so that later reads need neither unpickle the batches nor hold their pixels.
-        np.savez(out / "labels.npz", **{key: np.asarray(batch[key], dtype=np.int64)
-                                        for key in LABEL_KEYS if key in batch})
+    try:
+        for batch_file in batch_files:
+            batch = _load_batch(batch_file)
+            images, _ = _batch_arrays(batch, batch_file, label_key)
+            out = partial / batch_file.name
+            out.mkdir(parents=True)
+            # The label lists too, so that later reads need neither unpickle the batches nor hold their pixels.
+            np.savez(out / "labels.npz", **_label_lists(batch, batch_file, len(images)))
 
-        def write(i: int, images=images, out=out) -> None:
-            # compress_level 1: a fifth of the encoding time of the default for a few % more bytes.
-            Image.fromarray(images[i]).save(out / f"{i:05d}.png", compress_level=1)
+            def write(i: int, images=images, out=out) -> None:
+                # compress_level 1: a fifth of the encoding time of the default for a few % more bytes.
+                Image.fromarray(images[i]).save(out / f"{i:05d}.png", compress_level=1)
 
-        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            list(pool.map(write, range(len(images)), chunksize=256))
-    (partial / "complete").write_text(f"{folder}\n")
+            with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+                list(pool.map(write, range(len(images)), chunksize=256))
+        (partial / "complete").write_text(f"{folder}\n")
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # a batch that cannot be read leaves nothing in the cache
+        raise
     try:
         os.replace(partial, target)
     except OSError:  # another process finished the same folder first: use theirs
@@ -155,7 +242,10 @@ def _meta_names(folder: Path, kind: str, key: str, default: tuple[str, ...]) -> 
     if meta_file.is_file():
         names = _load_batch(meta_file).get(key)
         if isinstance(names, list) and len(names) == len(default):
-            return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+            if not all(isinstance(name, (str, bytes)) for name in names):
+                raise DataError(f"'{meta_file}': '{key}' is not a list of class names (strings); re-download or "
+                                "re-extract the archive")
+            return [name.decode("latin1") if isinstance(name, bytes) else name for name in names]
     return list(default)
 
 

@@ -66,6 +66,21 @@ def scan_images(folder: Path) -> tuple[list[Path], IgnoredFiles]:
     return images, ignored
 
 
+def resolve_listed(base: Path, listed: str) -> Path | None:
+    """A path cell of an annotation CSV, resolved against ``base``; None when it cannot name a file (a NUL
+    character, a symlink loop)."""
+    if "\x00" in listed:
+        return None
+    try:
+        return (base / listed).resolve()
+    except (OSError, ValueError, RuntimeError):  # RuntimeError: a symlink loop, on Pythons before 3.13
+        return None
+
+
+# Box coordinates are pixel positions: anything outside this range is not one (and would overflow an int64 table).
+COORDINATE_LIMIT = 2**31
+
+
 def list_images(folder: Path) -> tuple[list[Path], int]:
     """Image files below ``folder`` (recursively, sorted) and the number of files that were ignored."""
     images, ignored = scan_images(folder)
@@ -97,9 +112,12 @@ def read_csv_rows(path: Path, *, delimiter: str | None = None) -> tuple[list[str
     if not lines or not lines[0].strip():
         raise DataError(f"{path}: the file is empty; it needs a header row and one row per image")
     reader = csv.DictReader(lines, delimiter=delimiter or sniff_delimiter(lines[0]), skipinitialspace=True)
-    columns = [c.strip() for c in (reader.fieldnames or [])]
-    reader.fieldnames = columns
-    rows = [row for row in reader if any((v or "").strip() for v in row.values() if isinstance(v, str))]
+    try:
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        reader.fieldnames = columns
+        rows = [row for row in reader if any((v or "").strip() for v in row.values() if isinstance(v, str))]
+    except csv.Error as err:  # a field over the csv module's size limit, a stray NUL ...
+        raise DataError(f"{path}: not a readable CSV file after line {reader.line_num} ({err}); fix the file") from None
     if not rows:
         raise DataError(f"{path}: has a header but no rows")
     return columns, rows

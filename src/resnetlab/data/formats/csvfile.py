@@ -28,7 +28,7 @@ import numpy as np
 
 from resnetlab.config import DataConfig
 from resnetlab.data.formats._registry import register_format
-from resnetlab.data.formats.common import read_csv_rows
+from resnetlab.data.formats.common import COORDINATE_LIMIT, read_csv_rows, resolve_listed
 from resnetlab.data.records import BadImage, DatasetSource, SampleTable
 from resnetlab.errors import DataError
 
@@ -51,7 +51,8 @@ def _find(columns: dict[str, str], keys: tuple[str, ...]) -> str | None:
 
 
 def _is_int(text: str) -> bool:
-    return re.fullmatch(r"[+-]?\d+", text.strip()) is not None
+    # At most 18 digits: an int64, and far below the length Python refuses to convert.
+    return re.fullmatch(r"[+-]?[0-9]{1,18}", text.strip()) is not None
 
 
 def read_csv_dataset(csv_path: Path, spec: str) -> DatasetSource:
@@ -79,7 +80,11 @@ def read_csv_dataset(csv_path: Path, spec: str) -> DatasetSource:
     entries: dict[str, list[tuple[str, int | str, list[int], str | None]]] = {}
     for line_no, row in enumerate(rows, start=2):
         raw_path = (row.get(path_col) or "").strip()
-        path = (base / raw_path).resolve() if raw_path else base / f"<empty Path on line {line_no}>"
+        path = resolve_listed(base, raw_path) if raw_path else base / f"<empty Path on line {line_no}>"
+        if path is None:
+            rejected.setdefault("train", []).append(BadImage(
+                str(base / f"<Path on line {line_no}>"), f"line {line_no}: Path {raw_path!r} is not a file name"))
+            continue
         split = "train"
         if split_col is not None:
             split = SPLIT_NAMES.get((row.get(split_col) or "").strip().lower(), "")
@@ -112,8 +117,9 @@ def read_csv_dataset(csv_path: Path, spec: str) -> DatasetSource:
         if all(roi_cols):
             cells = [(row.get(c) or "").strip() for c in roi_cols]
             if any(cells):
-                if not all(_is_int(c) for c in cells):
-                    bad.append(BadImage(str(path), f"line {line_no}: Roi values {cells} are not four integers"))
+                if not all(_is_int(c) and abs(int(c)) < COORDINATE_LIMIT for c in cells):
+                    bad.append(BadImage(str(path), f"line {line_no}: Roi values {cells} are not four pixel "
+                                                   "coordinates (integers)"))
                     continue
                 box = [int(c) for c in cells]
         if not path.is_file():

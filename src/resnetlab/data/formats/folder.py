@@ -42,10 +42,20 @@ def _class_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def _read_listing(path: Path) -> str:
+    """The text of classes.txt or class_names.tsv, or a DataError naming the file."""
+    try:
+        return path.read_text(encoding="utf-8-sig")  # -sig: editors on Windows write a byte-order mark
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a UTF-8 text file; save it as UTF-8 text, one class per line") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read ({err.strerror})") from None
+
+
 def _class_order(root: Path, class_dirs: list[str]) -> list[str]:
     listing = root / "classes.txt"
     if listing.is_file():
-        order = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+        order = [line.strip() for line in _read_listing(listing).splitlines() if line.strip()]
         unknown = sorted(set(class_dirs) - set(order))
         if unknown:
             raise DataError(f"{listing}: does not list the class folder(s) {unknown}; add them or remove the file")
@@ -62,7 +72,7 @@ def readable_names(root: Path, class_ids: list[str]) -> list[str]:
         return list(class_ids)
     wanted = set(class_ids)
     mapping: dict[str, str] = {}
-    for line in table.read_text().splitlines():
+    for line in _read_listing(table).splitlines():
         cells = [c.strip() for c in line.split("\t")]
         # The folder is the cell that names a class folder; the readable name is the cell after it.
         for position, cell in enumerate(cells[:-1]):

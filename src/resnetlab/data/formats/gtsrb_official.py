@@ -45,7 +45,7 @@ def find_official_layout(root: Path) -> OfficialLayout | None:
     for base in _candidate_bases(Path(root)):
         for parts in TRAIN_FOLDERS:
             train_dir = base.joinpath(*parts)
-            if train_dir.is_dir() and any(p.is_dir() and p.name.isdigit() for p in train_dir.iterdir()):
+            if train_dir.is_dir() and any(p.is_dir() and p.name.isdecimal() for p in train_dir.iterdir()):
                 test_dir = base.joinpath(*TEST_FOLDER)
                 test_dir = test_dir if test_dir.is_dir() else None
                 label_places = ([test_dir] if test_dir else []) + [base, base.parent, Path(root)]
@@ -78,7 +78,7 @@ def read_gtsrb_official(root: Path, spec: str, cfg: DataConfig | None = None) ->
     rejected: dict[str, list[BadImage]] = {"train": [], "test": []}
     notes: list[str] = []
     class_tables = [_read_class_folder(folder, rejected["train"], notes)
-                    for folder in sorted(p for p in layout.train_dir.iterdir() if p.is_dir() and p.name.isdigit())]
+                    for folder in sorted(p for p in layout.train_dir.iterdir() if p.is_dir() and p.name.isdecimal())]
     train = SampleTable.concat(class_tables)
     if train.groups is None and any(t.groups is not None for t in class_tables):
         notes.append("some class folders have image names without a track number: no track-grouped split")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from resnetlab.data.formats.common import read_csv_rows
+from resnetlab.data.formats.common import COORDINATE_LIMIT, read_csv_rows, resolve_listed
 from resnetlab.data.gtsrb_classes import GTSRB_CLASS_NAMES, GTSRB_MIRROR_PAIRS
 from resnetlab.data.records import BadImage, DatasetSource, SampleTable
 from resnetlab.errors import DataError
@@ -35,13 +35,26 @@ def read_gtsrb_csv(csv_path: Path, base: Path, *, path_column: str = "Path", del
     collect = rejected if rejected is not None else []
     paths, class_ids, rois, groups = [], [], [], []
     for line_no, row in enumerate(rows, start=2):
-        path = (base / (row[path_column] or "").strip()).resolve()
+        listed = (row[path_column] or "").strip()
+        path = resolve_listed(base, listed)
+        if path is None:
+            collect.append(BadImage(str(base / f"<{path_column} on line {line_no}>"),
+                                    f"{csv_path.name} line {line_no}: {path_column} {listed!r} is not a file name"))
+            continue
         try:
             class_id = int(row["ClassId"])
             box = [int(row[c]) for c in ROI_COLUMNS]
+            if any(abs(value) >= COORDINATE_LIMIT for value in box):
+                raise ValueError("not a pixel coordinate")
         except (TypeError, ValueError):
             collect.append(BadImage(str(path), f"{csv_path.name} line {line_no}: ClassId and Roi.* must be integers "
                                                f"(ClassId={row.get('ClassId')!r})"))
+            continue
+        try:
+            group = _track_of(row, path, class_id)
+        except ValueError:
+            collect.append(BadImage(str(path), f"{csv_path.name} line {line_no}: Track must be an integer "
+                                               f"(Track={row.get('Track')!r})"))
             continue
         if not 0 <= class_id < len(GTSRB_CLASS_NAMES):
             collect.append(BadImage(str(path), f"{csv_path.name} line {line_no}: ClassId {class_id} is not a GTSRB "
@@ -53,7 +66,7 @@ def read_gtsrb_csv(csv_path: Path, base: Path, *, path_column: str = "Path", del
         paths.append(str(path))
         class_ids.append(class_id)
         rois.append(box)
-        groups.append(_track_of(row, path, class_id))
+        groups.append(group)
     if rejected is None and collect:
         raise DataError(f"{csv_path}: {collect[0].reason}: {collect[0].path}")
     has_groups = bool(groups) and all(g is not None for g in groups)
@@ -69,7 +82,7 @@ def _track_of(row: dict[str, str], path: Path, class_id: int) -> str | None:
     if match and int(match.group(1)) == class_id:
         return f"{class_id}_{int(match.group(2))}"
     match = OFFICIAL_NAME.match(path.name)
-    if match and path.parent.name.isdigit() and int(path.parent.name) == class_id:
+    if match and path.parent.name.isdecimal() and int(path.parent.name) == class_id:
         return f"{class_id}_{int(match.group(1))}"
     return None
 
