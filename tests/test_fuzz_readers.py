@@ -54,6 +54,9 @@ def time_limit(seconds: float = EXAMPLE_SECONDS):
     def expire(signum, frame):
         raise Hang(f"no answer within {seconds} s")
 
+    if not hasattr(signal, "setitimer"):  # Windows: no interval timers; the suite's own timeout must do
+        yield
+        return
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
