@@ -2,7 +2,10 @@
 model and its preprocessing (model name and arguments, classes, preprocessing, data fingerprint, config).
 
 ``evaluate``, ``predict``, ``export`` and ``serve`` read ``meta`` alone, so training, evaluation and deployment
-cannot disagree on preprocessing. Files are written atomically and read with ``torch.load(weights_only=True)``.
+cannot disagree on preprocessing. Files are written atomically and read with ``torch.load(weights_only=True)``,
+which builds tensors and plain containers and refuses every other object a pickle names (so loading a checkpoint
+never runs code from it); :func:`load_checkpoint` then checks the structure and every field of ``meta`` once, so a
+malformed file is one line naming the field in every command.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from torch import nn
 
 import resnetlab
-from resnetlab.config import DataConfig, RunConfig, oversized
+from resnetlab.config import DataConfig, RunConfig, oversized, shown
 from resnetlab.data.preprocessing import CONTRAST_MODES, IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from resnetlab.errors import CheckpointError, ResnetlabError, first_line
 from resnetlab.utils.io import torch_save
@@ -133,15 +136,10 @@ def describe_invalid(err: ValidationError, record: str) -> str:
         return f"its {where} is missing"
     if first["type"] in ("model_type", "dict_type", "model_attributes_type"):
         return f"its {where} is {_kind(first.get('input'))}, not a record of named fields"
-    shown = shortened_repr(first.get("input"))
     message = first["msg"].removeprefix("Value error, ")
-    return f"its {where} is {shown} ({message})" if first["loc"] else f"its {where} is invalid ({message})"
-
-
-def shortened_repr(value: Any, limit: int = 60) -> str:
-    """``repr(value)``, cut to ``limit`` characters: values from a file can be long, and repr keeps them one line."""
-    shown = repr(value)
-    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+    if not first["loc"]:
+        return f"its {where} is invalid ({message})"
+    return f"its {where} is {shown(first.get('input'))} ({message})"
 
 
 def _kind(value: Any) -> str:
@@ -160,7 +158,7 @@ def validate_meta(meta: Any, path: str | Path) -> dict[str, Any]:
                               f"({problem}); {RETRAIN_ADVICE}")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
-        raise CheckpointError(f"'{path}' has checkpoint format {str(version)[:40]}; this resnetlab reads format "
+        raise CheckpointError(f"'{path}' has checkpoint format {shown(version)}; this resnetlab reads format "
                               f"{FORMAT_VERSION}")
     try:
         checked = CheckpointMeta.model_validate(meta).model_dump()
@@ -264,8 +262,7 @@ def _check_model_spec(spec: dict[str, Any], path: Path) -> None:
     except (ResnetlabError, TypeError, ValueError, KeyError, AttributeError, RuntimeError) as err:
         # A model option of the wrong type fails inside the model's constructor with whatever it meets.
         first = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
-        model = shortened_repr(spec["name"]) + (f" with options {shortened_repr(spec['kwargs'], 100)}"
-                                                if spec["kwargs"] else "")
+        model = shown(spec["name"]) + (f" with options {shown(spec['kwargs'])}" if spec["kwargs"] else "")
         raise CheckpointError(f"'{path}' is not a usable resnetlab checkpoint: its meta.model ({model}) cannot be "
                               f"built ({first[:200]}); {RETRAIN_ADVICE}") from None
 

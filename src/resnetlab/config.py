@@ -280,7 +280,8 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
         if fields is None or part not in fields:
             where = ".".join(parts[:depth]) or "the top level"
             choices = ", ".join(sorted(fields)) if fields else "none (it is a value, not a section)"
-            raise ConfigError(f"unknown config key {shown(key)}: {shown(part)} is not a key of {where} (known: {choices})")
+            raise ConfigError(f"unknown config key {shown(key)}: {shown(part)} is not a key of {where} "
+                              f"(known: {choices})")
         annotation = fields[part].annotation
         if depth == len(parts) - 1:
             node[part] = value

@@ -32,6 +32,7 @@ from resnetlab.checkpoint import (
     describe_invalid,
     resolve_checkpoint_file,
 )
+from resnetlab.config import shown
 from resnetlab.data.preprocessing import Preprocessing
 from resnetlab.errors import CheckpointError
 
@@ -115,7 +116,7 @@ def read_export_record(folder: str | Path) -> dict[str, Any]:
     if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
         raise CheckpointError(f"'{path}' is not a resnetlab export record; re-run `resnetlab export`")
     if record.get("format_version") != RECORD_FORMAT_VERSION:
-        raise CheckpointError(f"'{path}' has export format {str(record.get('format_version'))[:40]}; this resnetlab "
+        raise CheckpointError(f"'{path}' has export format {shown(record.get('format_version'))}; this resnetlab "
                               f"reads format {RECORD_FORMAT_VERSION}; re-run `resnetlab export`")
     for key in ("classes", "preprocessing", "output", "artifact"):
         if key not in record:

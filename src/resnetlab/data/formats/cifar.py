@@ -16,6 +16,7 @@ nothing. The folder appears in one rename when complete, so an interrupted run n
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import pickle
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from resnetlab.config import DataConfig
+from resnetlab.config import DataConfig, shown
 from resnetlab.data.cache import cache_root
 from resnetlab.data.formats._registry import register_format
 from resnetlab.data.formats.folder import find_split_dirs, read_class_folders
@@ -88,6 +89,7 @@ def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
     return text.encode("latin1")
 
 
+@functools.cache
 def _batch_globals() -> dict[tuple[str, str], object]:
     """Every global a CIFAR batch may name, and the object it stands for: the pieces numpy rebuilds arrays and
     scalars from (under the module names of numpy 1 and numpy 2 pickles alike) and the bytes of Python 3 pickles."""
@@ -118,9 +120,9 @@ class _BatchUnpickler(pickle.Unpickler):
         try:
             return self.allowed[(module, name)]
         except KeyError:
-            refused = repr(f"{module}.{name}")  # repr: the names come from the file and may hold anything
-            raise DataError(f"'{self.path}' is not a CIFAR batch: it asks to load {refused[:120]}, which CIFAR "
-                            "batches never hold (only lists, numbers, strings and numpy arrays), so resnetlab "
+            refused = shown(f"{module}.{name}")  # quoted and bounded: the names come from the file
+            raise DataError(f"'{self.path}' is not a CIFAR batch: it asks to load {refused}, which CIFAR batches "
+                            "never hold (only lists, numbers, strings and numpy arrays), so resnetlab "
                             "refused to read it; use the batches of the published archive") from None
 
     def persistent_load(self, pid: object) -> object:
