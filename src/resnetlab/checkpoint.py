@@ -131,7 +131,8 @@ class CheckpointMeta(StrictRecord):
 def describe_invalid(err: ValidationError, record: str) -> str:
     """The first problem pydantic found, as 'its meta.preprocessing.input_size is missing'."""
     first = err.errors()[0]
-    where = ".".join([record, *map(str, first["loc"])])
+    # a key comes from the user's file: one that is not a printable line is shown quoted and escaped
+    where = ".".join([record, *(str(k) if str(k).isprintable() else shown(str(k)) for k in first["loc"])])
     if first["type"] == "missing":
         return f"its {where} is missing"
     if first["type"] in ("model_type", "dict_type", "model_attributes_type"):
