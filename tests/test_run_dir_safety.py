@@ -82,6 +82,31 @@ def test_overwrite_refuses_a_folder_that_is_not_a_run(tiny_signs, tmp_path, caps
     assert snapshot(mine) == before
 
 
+def test_overwrite_refuses_a_run_that_holds_the_users_own_files(run_copy, tiny_signs, capsys):
+    """--overwrite deletes a run's own files, nothing else: a note or a dataset put into a run folder stays."""
+    (run_copy / "my_notes.txt").write_text("what I learnt from this run\n")
+    before = snapshot(run_copy)
+    assert main(["train", "--data", f"gtsrb:{tiny_signs}", "--out", str(run_copy), "--overwrite", *TINY]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "my_notes.txt" in err and "move those out" in err, err
+    assert snapshot(run_copy) == before
+
+
+def test_an_interrupted_overwrite_is_cleared_by_the_next_run(run_copy, tiny_signs):
+    """A killed --overwrite leaves .NAME.new-PID behind (and, killed between its renames, the old run in
+    .NAME.old-PID with --out missing): the next run removes the half-written one and puts the old run back."""
+    dead_pid = 2 ** 22 + 12345  # above the default pid_max: never a live process
+    before = snapshot(run_copy)
+    half_written = run_copy.parent / f".run.new-{dead_pid}"
+    (half_written / "checkpoints").mkdir(parents=True)
+    (half_written / "config.yaml").write_text("half: written\n")
+    moved_aside = run_copy.parent / f".run.old-{dead_pid}"
+    run_copy.rename(moved_aside)
+    assert main(["train", "--data", f"gtsrb:{tiny_signs}", "--out", str(run_copy), *TINY]) == 2  # not empty again
+    assert snapshot(run_copy) == before
+    assert siblings(run_copy) == []
+
+
 def test_overwrite_replaces_the_run_and_leaves_no_siblings(run_copy, tiny_signs):
     old_info = json.loads((run_copy / "run_info.json").read_text())
     (run_copy / "checkpoints" / "epoch_099.pt").write_bytes(b"a file of the old run only")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 import itertools
+import logging
 import os
 import platform
 import shutil
@@ -30,6 +32,8 @@ from resnetlab.jobs.evaluate import deployment_check, evaluate_model_on_batches
 from resnetlab.utils.io import read_json, write_csv_rows, write_json, write_text
 from resnetlab.utils.runlog import RunLog
 
+logger = logging.getLogger(__name__)
+
 
 def default_run_dir(recipe: str) -> Path:
     return Path("runs") / f"{recipe}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
@@ -38,6 +42,10 @@ def default_run_dir(recipe: str) -> Path:
 # Files that only a resnetlab run writes beside its config.yaml: --overwrite replaces a folder holding both, and
 # nothing else (a config.yaml alone may belong to anything).
 RUN_MARKERS = ("run_info.json", "checkpoints", "train.log", "metrics.csv", "splits.csv")
+# Everything a run (and `evaluate` into it) writes at its top level: --overwrite deletes these and refuses a run
+# folder that holds anything else, which is the user's own (a note, a dataset, an export) and not ours to delete.
+RUN_ENTRIES = frozenset(RUN_MARKERS + ("config.yaml", "eval", "evaluations", "plots", "report.md", "report.html",
+                                       "tensorboard"))
 
 
 def is_run_dir(folder: Path) -> bool:
@@ -59,6 +67,12 @@ def check_run_dir(out: Path, *, overwrite: bool, resume: bool) -> None:
         if not is_run_dir(out):
             raise ConfigError(f"--out '{out}' is not a resnetlab run (no config.yaml with run_info.json, checkpoints/ "
                               "or train.log), so --overwrite will not delete it; choose another folder")
+        foreign = sorted(entry.name for entry in out.iterdir()
+                         if entry.name not in RUN_ENTRIES and not entry.name.endswith(".tmp"))
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise ConfigError(f"--out '{out}' is a resnetlab run but also holds what no run writes ({shown}); "
+                              "--overwrite deletes only a run's own files: move those out or choose another folder")
 
 
 def prepare_run_dir(out: Path, *, overwrite: bool, resume: bool) -> Path:
@@ -68,6 +82,7 @@ def prepare_run_dir(out: Path, *, overwrite: bool, resume: bool) -> Path:
     into a new folder beside it, which :func:`replace_run_dir` moves into place when the run has finished, so a
     run that fails or is killed leaves the earlier one as it was.
     """
+    recover_interrupted_replacement(out)
     check_run_dir(out, overwrite=overwrite, resume=resume)  # again: the folder may have changed meanwhile
     if resume:
         # A run killed while writing leaves the temporary file of that write behind (the checkpoint it was
@@ -95,6 +110,37 @@ def replace_run_dir(new: Path, out: Path) -> None:
         shutil.rmtree(old)
     else:
         os.rename(new, target)
+
+
+def recover_interrupted_replacement(out: Path) -> None:
+    """Clear what an --overwrite killed before it finished left beside ``out``.
+
+    Its half-written new run (``.NAME.new-PID``) is removed. If it was killed between its two renames, ``out`` is
+    missing and the earlier run waits in ``.NAME.old-PID``: that run is put back, so the folder is as it was before
+    the interrupted --overwrite. Only siblings of processes that no longer run are touched.
+    """
+    target = out.resolve()
+    for role in ("old", "new"):  # old first: while a finished run is being swapped in, both exist
+        for sibling in sorted(target.parent.glob(f".{glob.escape(target.name)}.{role}-*")):
+            pid = sibling.name.rsplit(f".{role}-", 1)[1].split("-")[0]
+            if not pid.isdigit() or _process_alive(int(pid)) or not sibling.is_dir():
+                continue
+            if role == "old" and not target.exists():
+                os.rename(sibling, target)
+                logger.warning("put back the run in %s that an interrupted --overwrite had moved aside", target)
+            else:
+                shutil.rmtree(sibling, ignore_errors=True)
+                logger.warning("removed %s, left by an interrupted --overwrite", sibling)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 def _free_sibling(folder: Path, role: str) -> Path:
