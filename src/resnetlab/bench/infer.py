@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-import resnetlab
+from resnetlab._version import __version__
 from resnetlab.errors import ResnetlabError
 
 VARIANTS = {
@@ -193,7 +193,7 @@ def _environment(threads: int) -> dict[str, Any]:
         pass
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "threads": threads, "python": platform.python_version(),
             "torch": str(torch.__version__), "onnxruntime": onnxruntime.__version__,
-            "resnetlab": resnetlab.__version__, "load_average_start": list(os.getloadavg()),
+            "resnetlab": __version__, "load_average_start": list(os.getloadavg()),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 

@@ -64,7 +64,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
-import resnetlab
+from resnetlab._version import __version__
 from resnetlab.data.preprocessing import pil_to_uint8, resize_to_input
 from resnetlab.deployment.decode import UploadRejected, decode_upload
 from resnetlab.deployment.predictor import Predictor, load_predictor
@@ -397,7 +397,7 @@ def create_app(predictor: Predictor, settings: ServiceSettings | None = None, **
         executor.shutdown(wait=False, cancel_futures=True)
 
     docs = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
-    app = FastAPI(title="resnetlab", version=resnetlab.__version__, lifespan=lifespan,
+    app = FastAPI(title="resnetlab", version=__version__, lifespan=lifespan,
                   description="Image classification with a resnetlab model", **docs)
     metrics = ServiceMetrics()
     admission = _Admission(settings.max_concurrency, settings.max_queue)
@@ -450,7 +450,7 @@ def create_app(predictor: Predictor, settings: ServiceSettings | None = None, **
     @app.get("/health")
     def health() -> dict[str, Any]:
         return {"status": "ok", "model": model_name, "backend": predictor.backend.name,
-                "classes": len(predictor.class_names), "resnetlab_version": resnetlab.__version__}
+                "classes": len(predictor.class_names), "resnetlab_version": __version__}
 
     @app.get("/model", dependencies=[Depends(authorized)])
     def model() -> dict[str, Any]:
