@@ -126,6 +126,11 @@ def test_evaluate_compare_and_export(api_run, image, tmp_path):
     assert rl.load(exported.dir).predict(image).label == rl.load(api_run.dir, backend="torch").predict(image).label
     with pytest.raises(rl.ConfigError, match="--format 'tflite'"):
         rl.export(api_run, "tflite", tmp_path / "x")
+    # a classifier of a checkpoint exports beside the run's checkpoints/ unless told where
+    scripted = rl.export(rl.load(api_run.checkpoint, backend="torch"), "torchscript")
+    assert scripted.dir == (api_run.dir / "exports" / "torchscript").resolve()
+    with pytest.raises(rl.ConfigError, match="already an export"):
+        rl.export(rl.load(exported.dir), "onnx")
 
 
 def test_open_dataset_in_a_dataloader_loop(tiny_signs, classifier):
@@ -175,6 +180,13 @@ def test_a_bad_option_is_a_config_error_naming_it(kwargs, fragment, tmp_path):
         rl.train(out=tmp_path / "run", **kwargs)
     assert len(str(caught.value).splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_takes_the_runs_own_config(tmp_path):
+    with pytest.raises(rl.ConfigError, match="do not combine it with --recipe"):
+        rl.train(resume=tmp_path, recipe="demo")
+    with pytest.raises(rl.ConfigError, match="no config.yaml there"):
+        rl.train(resume=tmp_path)
 
 
 def test_cli_and_api_resolve_the_same_config(tmp_path, monkeypatch):

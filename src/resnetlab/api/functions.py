@@ -308,7 +308,9 @@ def export(model_or_path: str | Path | Run | Classifier, format: str = "onnx", o
     if calibration_data is not None and quantize is None and precision == "float32":
         raise ConfigError("--calibration-data is used with --quantize int8 or --precision bf16")
     if out is None:
-        run_dir = checkpoint_file_of(source).resolve().parent.parent
+        checkpoint_file = checkpoint_file_of(source).resolve()
+        # beside the run's checkpoints/ folder, or beside a checkpoint file kept elsewhere
+        run_dir = checkpoint_file.parent.parent if checkpoint_file.parent.name == "checkpoints" else checkpoint_file.parent
         suffix = f"-{quantize}" if quantize else ("-bf16" if precision == "bf16" else "")
         out = run_dir / "exports" / f"{format}{suffix}"
     out = Path(out)

@@ -140,13 +140,12 @@ class Run:
 
     @property
     def status(self) -> str:
-        """``finished`` (trained and tested), ``resumable`` (stopped with a ``last.pt`` to continue from, as
-        ``rl.train(resume=dir)`` does) or ``interrupted`` (stopped before its first checkpoint)."""
-        if (self.dir / "run_info.json").is_file():
-            return "finished"
-        if (self.dir / "checkpoints" / "last.pt").is_file():
-            return "resumable"
-        return "interrupted"
+        """As ``rl.runs`` reports it: ``finished`` (trained, tested and reported), ``trained`` (never tested: a
+        tune's fold), ``resumable`` (stopped with a ``last.pt`` to continue from, as ``rl.train(resume=dir)``
+        does), ``interrupted`` (stopped before its first checkpoint) or ``damaged`` (a file cannot be read)."""
+        from resnetlab.reporting.runs_index import summarize_run
+
+        return summarize_run(self.dir).status
 
     def load(self, **options: Any) -> Classifier:
         """The run's best checkpoint as a :class:`~resnetlab.api.classifier.Classifier` (options: as ``rl.load``)."""
