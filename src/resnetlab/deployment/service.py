@@ -70,6 +70,8 @@ from resnetlab.deployment.decode import UploadRejected, decode_upload
 from resnetlab.deployment.predictor import Predictor, load_predictor
 from resnetlab.deployment.service_settings import ENVIRONMENT_PREFIX, ServiceSettings
 
+_logger = logging.getLogger(__name__)  # the default log of functions that take a `log` callable
+
 RETRY_AFTER_S = 1
 MAX_TOPK = 100
 # How much of an oversized body is read and thrown away before answering 413: a client that is still sending when
@@ -587,7 +589,7 @@ def uvicorn_log_config() -> dict[str, Any]:
 
 
 def serve(source: str | Path, *, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, backend: str = "auto",
-          precision: str = "auto", settings: ServiceSettings | None = None, log: Callable[[str], None] = print,
+          precision: str = "auto", settings: ServiceSettings | None = None, log: Callable[[str], None] = _logger.info,
           **overrides: Any) -> None:
     """Serve ``source`` (checkpoint, run directory or export folder) until interrupted, with ``settings`` (or any of
     their fields by name, e.g. ``max_upload_bytes=...``, ``api_key=...``)."""

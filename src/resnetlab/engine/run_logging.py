@@ -100,18 +100,27 @@ def epoch_line(row: dict, epochs: int, out_of_time: bool = False) -> str:
 
 
 class Progress:
-    """A rich progress bar for the batches of one epoch: loss, accuracy, images/s and time left."""
+    """A rich progress bar for the batches of one epoch: loss, accuracy, images/s and time left.
+
+    Drawn on stderr in a terminal and as a widget in a notebook; nowhere else (a pipe, a file, a test's captured
+    output), so that a script's output holds only what it prints itself.
+    """
 
     def __init__(self, enabled: bool):
-        self.enabled = enabled
         self.bar = None
         self.task = None
         if enabled:
+            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), transient=True)
-            self.bar.start()
+            console = Console(stderr=True)
+            enabled = console.is_terminal or console.is_jupyter
+            if enabled:
+                self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                    TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), transient=True,
+                                    console=console)
+                self.bar.start()
+        self.enabled = enabled
 
     def start_epoch(self, epoch: int, epochs: int, batches: int) -> None:
         if self.bar is None:
