@@ -210,3 +210,23 @@ def test_tune_a_tiny_grid(tiny_signs, tmp_path):
     assert repr(result).startswith(f"TuneResult('{tmp_path / 'tune'}', trials=2, best={{optim.lr=")
     with pytest.raises(rl.ConfigError, match="list of values"):
         rl.tune(grid={"optim.lr": 0.1}, out=tmp_path / "bad")
+    with pytest.raises(rl.ConfigError, match="unknown option 'metrc'.*metric"):
+        rl.tune(metrc="val_loss", out=tmp_path / "bad")
+
+
+def test_cli_and_api_resolve_the_same_tune(tmp_path, monkeypatch):
+    from resnetlab.tuning import TuneOutcome
+
+    seen = []
+
+    def fake_tune_job(base, space, options):
+        seen.append((base.to_dict(), space.to_dict(), options.folds, options.metric))
+        return TuneOutcome(out=options.out, trials_run=0)
+
+    monkeypatch.setattr("resnetlab.tuning.tune_job", fake_tune_job)
+    assert main(["tune", "--epochs", "2", "--folds", "2", "--metric", "val_loss", "--quiet", "--out",
+                 str(tmp_path / "a"), "--grid", "optim.lr=0.01,0.1", "train.ema=true", "optim.momentum=0.8"]) == 0
+    rl.tune(grid={"optim.lr": [0.01, 0.1], "train.ema": [True]}, folds=2, metric="val_loss", epochs=2,
+            progress=False, optim__momentum=0.8, out=tmp_path / "b")
+    assert seen[0] == seen[1]
+    assert seen[0][0]["train"]["ema"] is True and seen[0][0]["optim"]["momentum"] == 0.8

@@ -44,7 +44,7 @@ logger = logging.getLogger("resnetlab.api")
 
 def train_config(data: str | None = None, *, recipe: str | Path | None = None, resume: str | Path | None = None,
                  overrides: Overrides = None, progress: bool | None = None, where: str = "train",
-                 **options: Any) -> RunConfig:
+                 also_known: Sequence[str] = (), **options: Any) -> RunConfig:
     """The config :func:`train` would run with these arguments, without running it (the CLI's ``train``
     resolves its flags through this very function).
 
@@ -53,7 +53,7 @@ def train_config(data: str | None = None, *, recipe: str | Path | None = None, r
         0.05
     """
     flags_given = {name: options.pop(name) for name in list(options) if name in RUN_FLAGS}
-    texts = keyword_overrides(options, known=[*RUN_FLAGS, "overrides", "progress"], where=where)
+    texts = keyword_overrides(options, known=[*RUN_FLAGS, "overrides", "progress", *also_known], where=where)
     flags = run_flags(data=data, progress=progress, **flags_given)
     return resolve_run_config(recipe=recipe, resume=resume, flags=flags, overrides=texts + override_texts(overrides))
 
@@ -246,7 +246,7 @@ def tune(data: str | None = None, *, recipe: str | Path | None = None,
     searching = {name: options.pop(name) for name in list(options) if name in TUNE_OPTIONS}
     searched, fixed = split_grid_items(grid_texts(grid))
     base = train_config(data, recipe=recipe, overrides=[*override_texts(overrides), *fixed], progress=progress,
-                        where="tune", **options)
+                        where="tune", also_known=TUNE_OPTIONS, **options)
     search_space = build_space(base, searched, searching.pop("space", None))
     if out is None:
         out = Path("runs") / f"tune-{base.recipe}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
