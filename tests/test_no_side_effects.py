@@ -51,6 +51,8 @@ _IMPORT_ALL = textwrap.dedent("""
                 names.append(info.name)
             except Exception as error:
                 failed.append(f"{info.name}: {error!r}")
+        # Nothing configured (a notebook): the library's warnings are not printed by Python's last resort either.
+        logging.getLogger("resnetlab.reporting.runs_index").warning("not shown unless asked for")
     print(json.dumps({"before": before, "after": state(), "out": out.getvalue(), "err": err.getvalue(),
                       "failed": [str(f) for f in failed], "imported": names}))
 """)

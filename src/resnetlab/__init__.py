@@ -14,9 +14,15 @@ Every name below is implemented in :mod:`resnetlab.api` and imported from there 
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from resnetlab._version import __version__
+
+# The library logs (under "resnetlab.") and leaves showing it to the application: the command line attaches its
+# console, a notebook sees nothing unless it asks. This handler only keeps Python's last-resort handler from
+# printing the library's warnings when nothing is configured.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 # The public API: each name is an attribute of resnetlab.api, imported when first asked for.
 _API_NAMES = (
