@@ -8,8 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-
-PIPED_WIDTH = 240
+PIPED_WIDTH = 240  # columns of the table when not printed on a terminal
 
 
 def register(app: typer.Typer) -> None:
