@@ -83,10 +83,11 @@ class StandIns:
             from resnetlab.data.formats.cifar import CIFAR100_CLASSES
 
             root = self.base / "cifar100"
-            for split in ("train", "test"):
+            for split, count in (("train", 3), ("test", 1)):
                 for c, name in enumerate(CIFAR100_CLASSES):
                     (root / split / name).mkdir(parents=True)
-                    Image.new("RGB", (32, 32), (2 * c, 60, 128)).save(root / split / name / "0.png")
+                    for i in range(count):
+                        Image.new("RGB", (32, 32), (2 * c, 60 + 40 * i, 128)).save(root / split / name / f"{i}.png")
             self._cifar100 = root
         return self._cifar100
 
@@ -248,6 +249,8 @@ def _standin_command(args: list[str], stand_ins: StandIns, work: Path) -> list[s
     data = next((w for w in words if w.startswith(("folder:", "cifar10:", "cifar100:"))), None)
     small_images = ["data.input_size=32", "data.batch_size=8"] if data else ["data.batch_size=32"]
     if command == "train":
+        if "--data" not in words and "--resume" not in words:  # the demo's synthetic set, at the examples' size
+            small_images.append(f"data.synthetic_per_class={SYNTHETIC_PER_CLASS}")
         return [*_without(words, "--epochs"), *FAST, *small_images]
     if command == "tune":
         grid = words.index("--grid")
@@ -278,6 +281,7 @@ DOC_RULES: list[tuple[str, bool | str]] = [
     (r"resnetlab export ", True),
     (r"resnetlab predict ", True),
     (r"resnetlab data (split|synth|profile) ", True),
+    (r"resnetlab runs( |$)", True),
 ]
 
 

@@ -70,7 +70,7 @@ def _section(command: Any, ctx: Any, path: list[str], level: int) -> str:
             lines.append("")
         for sub, child in children:
             child_ctx = child.context_class(child, info_name=sub, parent=ctx)
-            lines.append(_section(child, child_ctx, [*path, sub], min(level + 1, 3)))
+            lines.append(_section(child, child_ctx, [*path, sub], min(level + 1, 4)))
     return "\n".join(lines)
 
 
