@@ -230,3 +230,18 @@ def test_cli_and_api_resolve_the_same_tune(tmp_path, monkeypatch):
             progress=False, optim__momentum=0.8, out=tmp_path / "b")
     assert seen[0] == seen[1]
     assert seen[0][0]["train"]["ema"] is True and seen[0][0]["optim"]["momentum"] == 0.8
+
+
+def test_tables_as_data_frames_or_a_one_line_hint(api_run, monkeypatch):
+    try:
+        import pandas
+    except ImportError:
+        pandas = None
+    if pandas is not None:
+        frame = api_run.history_df
+        assert isinstance(frame, pandas.DataFrame) and list(frame["epoch"]) == [1]
+        assert len(api_run.per_class_df) == len(api_run.per_class)
+    monkeypatch.setitem(sys.modules, "pandas", None)  # pandas is optional: as if it were not installed
+    with pytest.raises(ImportError, match="pip install pandas") as caught:
+        api_run.per_class_df  # noqa: B018
+    assert len(str(caught.value).splitlines()) == 1
