@@ -244,6 +244,7 @@ def _standin_command(args: list[str], stand_ins: StandIns, work: Path) -> list[s
             word = _latest(work, word.replace("<time>", "*"))
         if "cifar100:/data/cifar100" in word:
             word = f"cifar100:{stand_ins.cifar100}"
+        word = word.replace("/data/photos_split", str(work / "photos_split"))  # the page's own split command makes it
         words.append(_substitute(word, stand_ins))
     command = words[0]
     data = next((w for w in words if w.startswith(("folder:", "cifar10:", "cifar100:"))), None)
