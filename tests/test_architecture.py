@@ -19,7 +19,7 @@ ROOT = "resnetlab"
 # Bottom to top. A unit (a sub-package of resnetlab, or a top-level module) may import units of its own layer (as long
 # as no cycle forms) and of the layers below it, never one above.
 LAYERS: list[tuple[str, ...]] = [
-    ("resnetlab", "errors", "utils", "config"),  # "resnetlab": the package's own __init__ (its version)
+    ("_version", "errors", "utils", "config"),
     ("hardware",),
     ("models", "data", "evaluation", "recipes"),
     ("checkpoint",),
@@ -27,8 +27,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("deployment",),
     ("jobs",),
     ("bench", "tuning"),
+    ("api",),
     ("cli",),
-    ("__main__",),
+    ("__main__", "resnetlab"),  # "resnetlab": the package's own __init__, the public face (lazily, the api)
 ]
 LAYER_OF = {unit: level for level, units in enumerate(LAYERS) for unit in units}
 

@@ -26,7 +26,13 @@ FAST = ["--epochs", "1", "train.threads=1", "--quiet"]
 
 def readme_commands() -> list[str]:
     """The ``resnetlab`` commands of README.md's bash blocks, continuation lines joined and comments dropped."""
-    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+    return markdown_commands(README)
+
+
+def markdown_commands(page: Path) -> list[str]:
+    """The ``resnetlab`` commands of a Markdown page's bash blocks (``tests/test_doc_examples.py`` reads the docs
+    pages with it)."""
+    blocks = re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.S)
     commands = []
     for block in blocks:
         for line in block.replace("\\\n", " ").splitlines():

@@ -18,7 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import nn
 
-import resnetlab
+from resnetlab._version import __version__
 from resnetlab.config import DataConfig, RunConfig, oversized, shown
 from resnetlab.data.preprocessing import CONTRAST_MODES, IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from resnetlab.errors import CheckpointError, ResnetlabError, first_line
@@ -177,7 +177,7 @@ def build_meta(*, model_name: str, model_kwargs: dict, class_ids: list, class_na
                weights: str = "raw") -> dict[str, Any]:
     return {
         "format_version": FORMAT_VERSION,
-        "resnetlab_version": resnetlab.__version__,
+        "resnetlab_version": __version__,
         "torch_version": str(torch.__version__),
         "model": {"name": model_name, "num_classes": len(class_names), "kwargs": model_kwargs},
         "classes": {"ids": list(class_ids), "names": list(class_names)},

@@ -27,6 +27,7 @@ model here), and ``deployment_float32`` / ``deployment_bf16``: what they run wit
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import platform
@@ -42,8 +43,10 @@ from typing import Any
 import numpy as np
 import torch
 
-import resnetlab
+from resnetlab._version import __version__
 from resnetlab.errors import ResnetlabError
+
+_logger = logging.getLogger(__name__)  # the default log of functions that take a `log` callable
 
 VARIANTS = {
     "eager": "eager float32, NCHW (plain PyTorch: the baseline)",
@@ -193,7 +196,7 @@ def _environment(threads: int) -> dict[str, Any]:
         pass
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "threads": threads, "python": platform.python_version(),
             "torch": str(torch.__version__), "onnxruntime": onnxruntime.__version__,
-            "resnetlab": resnetlab.__version__, "load_average_start": list(os.getloadavg()),
+            "resnetlab": __version__, "load_average_start": list(os.getloadavg()),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -228,7 +231,7 @@ class _Worker:
 def bench_infer(checkpoint: str | Path, *, variants: tuple[str, ...] | list[str] = DEFAULT_VARIANTS,
                 batch_size: int = 32, latency_calls: int = 200, rounds: int = 5, threads: int | None = None,
                 calibration_data: str | None = None, min_round_seconds: float = 0.5,
-                log: Callable[[str], None] = print) -> dict[str, Any]:
+                log: Callable[[str], None] = _logger.info) -> dict[str, Any]:
     """Measure the variants of one checkpoint side by side; see the module docstring. Returns a JSON-able dict."""
     from resnetlab.checkpoint import load_checkpoint
     from resnetlab.deployment.backends import default_threads

@@ -10,6 +10,7 @@ matrix peak measured in the same process.
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from collections.abc import Callable
@@ -30,6 +31,8 @@ from resnetlab.engine.runtime import resolve_runtime
 from resnetlab.engine.trainer import Trainer
 from resnetlab.models import count_macs, create_model
 from resnetlab.utils.runlog import RunLog
+
+_logger = logging.getLogger(__name__)  # the default log of functions that take a `log` callable
 
 
 def measure_conv_peak(dtype: torch.dtype, channels_last: bool = True, seconds: float = 1.0) -> float:
@@ -118,7 +121,7 @@ def trainer_step_rate(cfg, num_classes: int, *, steps: int = 10, warmup_steps: i
 
 def bench_train(model_name: str, input_size: int, batch_size: int, *, num_classes: int = 43, repeats: int = 5,
                 min_seconds: float = 2.0, warmup_steps: int = 3, overrides: list[str] | None = None,
-                log: Callable[[str], None] = print) -> dict:
+                log: Callable[[str], None] = _logger.info) -> dict:
     cfg = build_config({}, {"model.name": model_name, "data.input_size": input_size, "data.batch_size": batch_size},
                        overrides or [])
     with TrainerStep(cfg, num_classes) as ours_step:

@@ -36,22 +36,11 @@ def export(
     """Export a checkpoint to ONNX, TorchScript or an AOTInductor package, checked against the eager float32 model
     at batch 1 and N (float32: fails when confidences differ by more than 1e-4, or logits by more than 1e-4 of the
     largest logit; bf16: 0.1, and its accuracy change is measured)."""
-    from resnetlab.deployment.export import DEFAULT_OPSET, EXPORT_PRECISIONS, FORMATS, export_checkpoint
+    from resnetlab.api.functions import export as export_model
 
-    if export_format not in FORMATS:
-        fail(f"--format '{export_format}': choose {', '.join(FORMATS)}")
-    if precision not in EXPORT_PRECISIONS:
-        fail(f"--precision '{precision}': choose {' or '.join(EXPORT_PRECISIONS)}")
-    if opset is not None and export_format != "onnx":
-        fail("--opset applies to ONNX exports only")
-    if calibration_data is not None and quantize is None and precision == "float32":
-        fail("--calibration-data is used with --quantize int8 or --precision bf16")
-    if out.exists() and not out.is_dir():
-        fail(f"--out '{out}' is a file; pass a folder")
-    result = export_checkpoint(checkpoint, out, fmt=export_format, dynamic_batch=dynamic_batch,
-                               opset=opset or DEFAULT_OPSET, parity_batch=parity_batch, quantize=quantize,
-                               calibration_data=calibration_data, precision=precision,
-                               log=lambda m: typer.echo(m, err=True))
+    result = export_model(checkpoint, export_format, out, dynamic_batch=dynamic_batch, quantize=quantize,
+                          precision=precision, opset=opset, parity_batch=parity_batch,
+                          calibration_data=calibration_data).result
     probabilities = max(p.max_abs_probabilities for p in result.parity)
     logits = max(p.max_abs_logits for p in result.parity)
     typer.echo(f"largest difference from the eager model: probabilities {probabilities:.2e}, logits {logits:.2e} "

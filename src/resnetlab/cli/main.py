@@ -7,7 +7,6 @@ one line on stderr naming the file, field or value at fault.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -15,7 +14,8 @@ from typing import Annotated, Optional
 import click
 import typer
 
-from resnetlab.cli import bench_cmd, data_cmd, deploy_cmd, tune_cmd
+from resnetlab.cli import bench_cmd, data_cmd, deploy_cmd, runs_cmd, tune_cmd
+from resnetlab.cli.logging_setup import console_logging
 from resnetlab.cli.options import (
     BACKEND_HELP,
     DATA,
@@ -33,7 +33,6 @@ from resnetlab.cli.options import (
     RecipeOption,
     SeedOption,
     fail,
-    run_flags,
 )
 from resnetlab.errors import ResnetlabError
 
@@ -59,6 +58,7 @@ app = typer.Typer(
 @app.callback(invoke_without_command=True)
 def _root(ctx: typer.Context) -> None:
     """With no command, `resnetlab` runs `resnetlab train` (the offline demo)."""
+    ctx.call_on_close(console_logging())  # the library logs; the command shows its records on stderr
     if ctx.invoked_subcommand is None:
         ctx.invoke(train, ctx)
 
@@ -85,26 +85,14 @@ def train(
     quiet: QuietOption = False,
 ) -> None:
     """Train a model, evaluate it on the test split and write the report (defaults: the offline demo)."""
-    from resnetlab.config import build_config, load_yaml
-    from resnetlab.jobs.train import default_run_dir, train_job
-    from resnetlab.recipes import load_recipe
+    from resnetlab.api.functions import environment_rank_is_main
+    from resnetlab.api.functions import train as train_run
 
-    if resume is not None:
-        if recipe is not None:
-            fail("--resume continues a run with its own config; do not combine it with --recipe")
-        base = load_yaml(resume / "config.yaml") if (resume / "config.yaml").is_file() else None
-        if base is None:
-            fail(f"--resume '{resume}': no config.yaml there; is it a resnetlab run directory?")
-        out = resume
-    else:
-        base = load_recipe(recipe or "demo")
-    flags = run_flags(data=data, batch_size=batch_size, model=model, epochs=epochs, seed=seed, device=device,
-                      quiet=quiet)
-    cfg = build_config(base, flags, list(overrides or []) + list(ctx.args))
-    run_dir = out or default_run_dir(cfg.recipe)
-    train_job(cfg, run_dir, overwrite=overwrite, resume=resume is not None)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, only rank 0 answers
-        typer.echo(str(run_dir))
+    run = train_run(data, recipe=recipe, out=out, overwrite=overwrite, resume=resume,
+                    overrides=list(overrides or []) + list(ctx.args), progress=False if quiet else None,
+                    batch_size=batch_size, model=model, epochs=epochs, seed=seed, device=device)
+    if environment_rank_is_main():  # under torchrun, only rank 0 answers
+        typer.echo(str(run.dir))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -127,20 +115,14 @@ def evaluate(
 ) -> None:
     """Evaluate a checkpoint, or one of its exports: metrics.json, per-class, confusion, predictions, calibration,
     and a report."""
-    from resnetlab.jobs.evaluate import default_evaluation_dir, evaluate_job
-    from resnetlab.reporting.report import render_report
+    from resnetlab.api.functions import evaluate as evaluate_model
 
-    if split not in ("test", "val", "all"):
-        fail(f"--split '{split}': choose test, val or all")
-    if out is None:
-        out = default_evaluation_dir(checkpoint, data, split)
-    evaluate_job(checkpoint, data, split, out, tta=tta, device=device, batch_size=batch_size,
-                 overrides=list(overrides or []), export_dir=export_dir, overwrite=overwrite,
-                 log=lambda m: typer.echo(m, err=True))
-    render_report(out)
-    metrics = json.loads((out / "metrics.json").read_text())
+    evaluation = evaluate_model(checkpoint, data, split=split, out=out, overwrite=overwrite, tta=tta,
+                                overrides=list(overrides or []), batch_size=batch_size, device=device,
+                                export_dir=export_dir)
+    metrics = evaluation.metrics
     typer.echo(f"top1 {metrics['top1']:.4f}  top5 {metrics['top5']:.4f}  balanced_accuracy "
-               f"{metrics['balanced_accuracy']:.4f}  samples {metrics['num_samples']}  -> {out}")
+               f"{metrics['balanced_accuracy']:.4f}  samples {metrics['num_samples']}  -> {evaluation.dir}")
 
 
 @app.command()
@@ -156,7 +138,8 @@ def predict(
 ) -> None:
     """Predict the classes of images, with confidences. Exit code 1 if any file could not be read."""
     from resnetlab.cli.inputs import expand_inputs
-    from resnetlab.deployment.predictor import BACKEND_CHOICES, load_predictor
+    from resnetlab.api.classifier import load
+    from resnetlab.deployment.predictor import BACKEND_CHOICES
     from resnetlab.cli.render import print_predictions
 
     if output_format not in ("table", "csv", "json"):
@@ -170,7 +153,8 @@ def predict(
     paths = expand_inputs(inputs)
     if not paths:
         fail(f"no image files found in {' '.join(inputs)}")
-    predictor = load_predictor(checkpoint, backend=backend, precision=precision, log=lambda m: typer.echo(m, err=True))
+    # rl.load's classifier, whose predictor also goes on past unreadable files (the API's predict stops on them)
+    predictor = load(checkpoint, backend=backend, precision=precision).predictor
     results = predictor.predict_paths(paths, topk=topk, batch_size=batch_size, tta=tta)
     print_predictions(results, output_format)
     failed = [r for r in results if r.error]
@@ -199,17 +183,9 @@ def compare(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: compare-<time>)")] = None,
 ) -> None:
     """Side-by-side metrics with per-class deltas and overlaid training curves (recipes, domains, time budgets)."""
-    from datetime import datetime
+    from resnetlab.api.functions import compare as compare_runs
 
-    from resnetlab.reporting.compare import compare_runs
-
-    if len(dirs) < 2:
-        fail("compare needs at least two run or evaluation folders")
-    for folder in dirs:
-        if not folder.is_dir():
-            fail(f"'{folder}' is not a folder; pass run directories or evaluation folders")
-    out = out or Path(f"compare-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
-    typer.echo(str(compare_runs(list(dirs), out)))
+    typer.echo(str(compare_runs(list(dirs), out).dir / "compare.md"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -250,7 +226,7 @@ def recipes(as_json: Annotated[bool, typer.Option("--json", help="Machine-readab
 # sub-command groups that live in their own modules
 # ---------------------------------------------------------------------------------------------------------------
 
-for _module in (data_cmd, tune_cmd, deploy_cmd, bench_cmd):
+for _module in (data_cmd, tune_cmd, deploy_cmd, bench_cmd, runs_cmd):
     _module.register(app)
 
 

@@ -27,13 +27,6 @@ DeviceOption = Annotated[Optional[str], typer.Option("--device", help="auto, cpu
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or log on the console", rich_help_panel=OUTPUT)]
 
 
-def run_flags(*, data: str | None, batch_size: int | None, model: str | None, epochs: int | None, seed: int | None,
-              device: str | None, quiet: bool) -> dict:
-    """The named run options as dotted config keys (None: not given, the recipe's value stands)."""
-    return {"data.spec": data, "data.batch_size": batch_size, "model.name": model, "train.epochs": epochs,
-            "train.seed": seed, "train.device": device, "logging.quiet": True if quiet else None}
-
-
 PRECISION_HELP = ("auto (the default: float32 ONNX Runtime for small models, equal to evaluation to 1e-4; a bf16 "
                   "AOTInductor package for models of 1 GMAC or more per image on CPUs with bf16 instructions, "
                   "where it is the faster path), float32, or bf16 (confidences differ from float32 by "

@@ -3,7 +3,6 @@
 
 # No `from __future__ import annotations` here: typer reads the option annotations of `tune` at runtime, and they
 # name types that are imported inside register().
-import shlex
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -23,7 +22,6 @@ from resnetlab.cli.options import (
     RecipeOption,
     SeedOption,
     fail,
-    run_flags,
 )
 
 SEARCH, WORKERS = "Search", "Workers and storage"
@@ -96,28 +94,19 @@ def register(app: typer.Typer) -> None:
         """Search hyperparameters with k-fold cross-validation on the training split, then optionally refit the best
         setting and test it once. Start the same command in several processes (or machines, with --storage) to share
         the work; start it again after a crash to resume."""
-        from resnetlab.config import build_config
-        from resnetlab.recipes import load_recipe
-        from resnetlab.tuning import TuneOptions, build_space, split_grid_items, tune_job
+        from resnetlab.api.functions import tune as tune_search
+        from resnetlab.api.functions import tune_command
 
         if out is None:
             fail("tune needs --out DIR (running the same command again with the same --out resumes the search)")
-        if search not in ("grid", "optuna"):
-            fail(f"--search '{search}': choose grid or optuna")
-        searched, fixed = split_grid_items(list(grid or []))
-        flags = run_flags(data=data, batch_size=batch_size, model=model, epochs=epochs, seed=seed, device=device,
-                          quiet=quiet)
-        base = build_config(load_recipe(recipe or "demo"), flags, list(overrides or []) + list(ctx.args) + fixed)
-        search_space = build_space(base, searched, space)
-        argv = ctx.meta.get("resnetlab.tune.argv")
-        options = TuneOptions(
-            out=out, search=search, folds=folds, n_trials=trials, metric=metric, storage=storage,
-            study_name=study_name, pruner=pruner, prune_startup_trials=prune_startup,
-            prune_warmup_epochs=prune_warmup, trial_budget=trial_budget, timeout=timeout, refit=refit,
-            overwrite=overwrite, sampler_seed=sampler_seed,
-            # The command that resumes or joins this search: --overwrite would discard it instead.
-            command="resnetlab tune " + shlex.join(a for a in argv if a != "--overwrite") if argv is not None else None)
-        outcome = tune_job(base, search_space, options)
+        result = tune_search(
+            data, recipe=recipe, grid=list(grid or []), folds=folds, refit=refit, search=search, trials=trials,
+            out=out, overrides=list(overrides or []) + list(ctx.args), progress=False if quiet else None,
+            command=tune_command(ctx.meta.get("resnetlab.tune.argv")), batch_size=batch_size, model=model,
+            epochs=epochs, seed=seed, device=device, metric=metric, pruner=pruner, prune_warmup=prune_warmup,
+            prune_startup=prune_startup, trial_budget=trial_budget, sampler_seed=sampler_seed, storage=storage,
+            study_name=study_name, timeout=timeout, overwrite=overwrite, space=space)
+        outcome = result.outcome
         best = outcome.best
         if best is None:
             typer.echo(f"{out}: no setting finished", err=True)

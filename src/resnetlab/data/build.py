@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ from resnetlab.data.records import DatasetSource, SampleTable
 from resnetlab.data.splits import SplitPlan, plan_data_splits
 from resnetlab.errors import ConfigError, DataError
 
+_logger = logging.getLogger(__name__)  # the default log of functions that take a `log` callable
+
 
 @dataclass
 class RunData:
@@ -66,7 +69,7 @@ def auto_workers() -> int:
 
 
 def build_run_data(cfg: RunConfig, *, rank: int = 0, world_size: int = 1, pin_memory: bool = False,
-                   log: Callable[[str], None] = print, source: DatasetSource | None = None,
+                   log: Callable[[str], None] = _logger.info, source: DatasetSource | None = None,
                    plan: SplitPlan | None = None) -> RunData:
     """``source`` and ``plan`` may be given ready-made (k-fold tuning passes each fold's plan); by default they are
     read and split from ``cfg.data``. Normalization statistics always come from ``plan.train`` alone."""

@@ -22,8 +22,10 @@ from resnetlab.errors import DataError, first_line
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Decompression bombs: a small file that expands to gigapixels. Pillow warns above this and we turn it into an error.
-Image.MAX_IMAGE_PIXELS = 64_000_000
+# Decompression bombs: a small file that expands to gigapixels. Every resnetlab reader refuses an image of more
+# pixels than this, checked from the header before decoding. Pillow's own Image.MAX_IMAGE_PIXELS (a process-wide
+# setting of the user's) is left alone: it is higher by default, and its warning is turned into the same error.
+MAX_IMAGE_PIXELS = 64_000_000
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,8 @@ def _open_rgb(path: str | Path, *, roi=None, roi_crop: bool = True, draft: bool 
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
+                if img.width * img.height > MAX_IMAGE_PIXELS:
+                    raise Image.DecompressionBombError(f"{img.width}x{img.height}")
                 if draft:
                     img.draft("RGB", (64, 64))
                 img.load()
@@ -88,7 +92,7 @@ def _open_rgb(path: str | Path, *, roi=None, roi_crop: bool = True, draft: bool 
     except IsADirectoryError:
         raise DataError(f"'{path}' is a folder, not an image file") from None
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
-        raise DataError(f"image '{path}' is too large (over {Image.MAX_IMAGE_PIXELS:,} pixels)") from None
+        raise DataError(f"image '{path}' is too large (over {MAX_IMAGE_PIXELS:,} pixels)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
         reason = first_line(err)
         if isinstance(err, UnidentifiedImageError):

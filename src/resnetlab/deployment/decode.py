@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from resnetlab.data.preprocessing import Preprocessing, _to_rgb, load_image
+from resnetlab.data.preprocessing import MAX_IMAGE_PIXELS, Preprocessing, _to_rgb, load_image
 from resnetlab.deployment.service_settings import DEFAULT_MAX_IMAGE_PIXELS
 from resnetlab.errors import DataError
 
@@ -79,8 +79,10 @@ def decode_upload(data: bytes, name: str, prep: Preprocessing, max_pixels: int =
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as probe:
                 width, height = probe.size
+            if width * height > MAX_IMAGE_PIXELS:  # the limit of every resnetlab reader, whatever max_pixels says
+                raise Image.DecompressionBombError(f"{width}x{height}")
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
-        raise UploadRejected(413, f"'{name}' would decode to more than {Image.MAX_IMAGE_PIXELS:,} pixels; "
+        raise UploadRejected(413, f"'{name}' would decode to more than {MAX_IMAGE_PIXELS:,} pixels; "
                                   "refusing a possible decompression bomb", "too_many_pixels") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
         raise UploadRejected(415, f"'{name}' is not an image Pillow can read ({SUPPORTED_FORMATS})",

@@ -21,6 +21,7 @@ Files are staged in a hidden folder inside ``out_dir`` and moved into place only
 from __future__ import annotations
 
 import copy
+import logging
 import shutil
 import tempfile
 import warnings
@@ -56,6 +57,8 @@ from resnetlab.deployment.records import (
 from resnetlab.errors import ExportError, first_line
 from resnetlab.hardware import native_bf16_cpu
 from resnetlab.utils.io import write_json
+
+_logger = logging.getLogger(__name__)  # the default log of functions that take a `log` callable
 
 DEFAULT_OPSET = 18  # the dynamo exporter's native opset (torch 2.14); lower ones go through onnx's version converter
 PARITY_ATOL = 1e-4  # float32: largest probability difference (absolute) and logit difference (relative to the
@@ -246,7 +249,7 @@ def cpu_vector_isa() -> str | None:
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, fmt: str = "onnx", dynamic_batch: bool = False,
                       opset: int = DEFAULT_OPSET, parity_batch: int = DEFAULT_PARITY_BATCH, atol: float | None = None,
                       quantize: str | None = None, calibration_data: str | None = None, precision: str = "float32",
-                      measure_accuracy: bool = True, log: Callable[[str], None] = print) -> ExportResult:
+                      measure_accuracy: bool = True, log: Callable[[str], None] = _logger.info) -> ExportResult:
     """Export a checkpoint (file or run directory) into ``out_dir``; see the module docstring.
 
     ``precision="bf16"`` needs ``fmt="aoti"``. ``measure_accuracy=False`` skips a bf16 package's accuracy check on

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-import resnetlab
+from resnetlab._version import __version__
 from resnetlab.data.cache import cache_root as default_cache_root
 from resnetlab.deployment.export import DEFAULT_OPSET, cpu_vector_isa, export_checkpoint
 from resnetlab.deployment.records import checkpoint_file_of, file_sha256, is_export_dir, read_export_record
@@ -25,7 +25,7 @@ def export_cache_dir(checkpoint_file: Path, cache_root: Path | None = None, *, f
                      precision: str = "float32") -> Path:
     """Where an on-the-fly export of a checkpoint lives: keyed by the file's hash, the exporting versions, the
     format and the precision."""
-    key = f"{file_sha256(checkpoint_file)}-{resnetlab.__version__}-{torch.__version__}-opset{DEFAULT_OPSET}"
+    key = f"{file_sha256(checkpoint_file)}-{__version__}-{torch.__version__}-opset{DEFAULT_OPSET}"
     if (fmt, precision) != ("onnx", "float32"):
         key += f"-{fmt}-{precision}"
     if fmt == "aoti":  # compiled code for one instruction set: a cache shared by other CPUs keeps one entry each

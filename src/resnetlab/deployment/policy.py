@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from resnetlab import hardware
+import resnetlab.hardware as hardware
 from resnetlab.hardware import cpp_compiler_available
 
 # Below this, per-call overheads dominate and ONNX Runtime float32 is faster at batch 1 (ResNet-20: 0.04 GMAC);

@@ -9,6 +9,7 @@ measurement (:func:`measure_precision_change`), without the calibration.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,8 @@ import torch
 from resnetlab.data.preprocessing import Preprocessing, normalize, prepare_image
 from resnetlab.deployment.backends import InferenceBackend, OnnxRuntimeBackend, preferred_batch
 from resnetlab.errors import DataError, ExportError, ResnetlabError, first_line
+
+_logger = logging.getLogger(__name__)  # the default log of functions that take a `log` callable
 
 CALIBRATION_IMAGES = 256
 EVALUATION_IMAGES = 1000
@@ -147,7 +150,7 @@ def accuracy_change(reference: torch.Tensor, quantized: torch.Tensor, labels: to
 
 def quantize_checkpoint_export(fp32_model: Path, out_model: Path, reference: InferenceBackend, meta: dict[str, Any],
                                prep: Preprocessing, *, calibration_data: str | None,
-                               log: Callable[[str], None] = print) -> dict[str, Any]:
+                               log: Callable[[str], None] = _logger.info) -> dict[str, Any]:
     """Quantize an export's float32 ONNX model (``out_model`` may be the same file) and measure what it costs.
 
     ``reference`` is the eager float32 model: the accuracy change is int8 against the model that was evaluated.
@@ -176,7 +179,7 @@ def quantize_checkpoint_export(fp32_model: Path, out_model: Path, reference: Inf
 
 def measure_precision_change(reference: InferenceBackend, candidate: InferenceBackend, meta: dict[str, Any],
                              prep: Preprocessing, *, data: str | None,
-                             log: Callable[[str], None] = print) -> dict[str, Any] | None:
+                             log: Callable[[str], None] = _logger.info) -> dict[str, Any] | None:
     """A lower-precision model's top-1 change and agreement against the float32 one, on the held-out split of
     ``data`` (None: the checkpoint's training data). None, with a note, when no such images can be read here."""
     precision = candidate.precision

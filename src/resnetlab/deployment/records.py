@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError, field_validator
 
-import resnetlab
+from resnetlab._version import __version__
 from resnetlab.checkpoint import (
     ClassesRecord,
     PreprocessingRecord,
@@ -73,7 +73,7 @@ def record_from_meta(meta: dict[str, Any], *, checkpoint_sha256: str | None = No
     return {
         "format": RECORD_FORMAT,
         "format_version": RECORD_FORMAT_VERSION,
-        "resnetlab_version": resnetlab.__version__,
+        "resnetlab_version": __version__,
         "model": {"name": model["name"], "num_classes": int(model["num_classes"]), "kwargs": model.get("kwargs", {}),
                   "epoch": meta.get("epoch"), "weights": meta.get("weights"), "monitor": meta.get("monitor"),
                   "best_metric": meta.get("best_metric"), "trained_with_resnetlab": meta.get("resnetlab_version")},

@@ -64,11 +64,13 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
-import resnetlab
+from resnetlab._version import __version__
 from resnetlab.data.preprocessing import pil_to_uint8, resize_to_input
 from resnetlab.deployment.decode import UploadRejected, decode_upload
 from resnetlab.deployment.predictor import Predictor, load_predictor
 from resnetlab.deployment.service_settings import ENVIRONMENT_PREFIX, ServiceSettings
+
+_logger = logging.getLogger(__name__)  # the default log of functions that take a `log` callable
 
 RETRY_AFTER_S = 1
 MAX_TOPK = 100
@@ -397,7 +399,7 @@ def create_app(predictor: Predictor, settings: ServiceSettings | None = None, **
         executor.shutdown(wait=False, cancel_futures=True)
 
     docs = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
-    app = FastAPI(title="resnetlab", version=resnetlab.__version__, lifespan=lifespan,
+    app = FastAPI(title="resnetlab", version=__version__, lifespan=lifespan,
                   description="Image classification with a resnetlab model", **docs)
     metrics = ServiceMetrics()
     admission = _Admission(settings.max_concurrency, settings.max_queue)
@@ -450,7 +452,7 @@ def create_app(predictor: Predictor, settings: ServiceSettings | None = None, **
     @app.get("/health")
     def health() -> dict[str, Any]:
         return {"status": "ok", "model": model_name, "backend": predictor.backend.name,
-                "classes": len(predictor.class_names), "resnetlab_version": resnetlab.__version__}
+                "classes": len(predictor.class_names), "resnetlab_version": __version__}
 
     @app.get("/model", dependencies=[Depends(authorized)])
     def model() -> dict[str, Any]:
@@ -587,7 +589,7 @@ def uvicorn_log_config() -> dict[str, Any]:
 
 
 def serve(source: str | Path, *, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, backend: str = "auto",
-          precision: str = "auto", settings: ServiceSettings | None = None, log: Callable[[str], None] = print,
+          precision: str = "auto", settings: ServiceSettings | None = None, log: Callable[[str], None] = _logger.info,
           **overrides: Any) -> None:
     """Serve ``source`` (checkpoint, run directory or export folder) until interrupted, with ``settings`` (or any of
     their fields by name, e.g. ``max_upload_bytes=...``, ``api_key=...``)."""

@@ -45,14 +45,11 @@ class ServiceSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ConfigError(f"{flag} {value!r}: give a whole number of at least {least}")
-        from PIL import Image
+        from resnetlab.data.preprocessing import MAX_IMAGE_PIXELS  # here: it imports torch
 
-        import resnetlab.data.preprocessing  # noqa: F401  (sets the limit every resnetlab reader keeps)
-
-        pillow_limit = Image.MAX_IMAGE_PIXELS
-        if pillow_limit and self.max_image_pixels > pillow_limit:
+        if self.max_image_pixels > MAX_IMAGE_PIXELS:
             raise ConfigError(f"--max-image-pixels {self.max_image_pixels:,} is above the decompression-bomb limit "
-                              f"of {pillow_limit:,} pixels every resnetlab reader keeps; choose at most that")
+                              f"of {MAX_IMAGE_PIXELS:,} pixels every resnetlab reader keeps; choose at most that")
         if not (isinstance(self.request_timeout, (int, float)) and math.isfinite(self.request_timeout)
                 and self.request_timeout > 0):
             raise ConfigError(f"--request-timeout {self.request_timeout!r}: give a positive number of seconds")

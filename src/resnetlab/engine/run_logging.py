@@ -100,20 +100,44 @@ def epoch_line(row: dict, epochs: int, out_of_time: bool = False) -> str:
 
 
 class Progress:
-    """A rich progress bar for the batches of one epoch: loss, accuracy, images/s and time left."""
+    """A progress bar for the batches of one epoch: loss, accuracy, images/s and time left.
+
+    In a terminal, rich's bar on stderr; in a notebook, tqdm's (a widget where ipywidgets is installed, text
+    otherwise: rich needs ipywidgets to draw anything there); nowhere else (a pipe, a file, a test's captured
+    output), so that a script's output holds only what it prints itself.
+    """
 
     def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.bar = None
+        self.bar = None  # rich, in a terminal
         self.task = None
+        self.notebook_bar = None  # tqdm, in a notebook, one per epoch
+        self.notebook = False
         if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.console import Console
 
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), transient=True)
-            self.bar.start()
+            console = Console(stderr=True)
+            self.notebook = console.is_jupyter
+            enabled = console.is_terminal or self.notebook
+            if enabled and not self.notebook:
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+                self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                    TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), transient=True,
+                                    console=console)
+                self.bar.start()
+        self.enabled = enabled
 
     def start_epoch(self, epoch: int, epochs: int, batches: int) -> None:
+        if self.notebook and self.enabled:
+            import warnings
+
+            self._close_notebook_bar()
+            with warnings.catch_warnings():  # without ipywidgets tqdm says so, then draws a text bar
+                warnings.simplefilter("ignore")
+                from tqdm.auto import tqdm
+
+                self.notebook_bar = tqdm(total=batches, desc=f"epoch {epoch}/{epochs}", leave=False)
+            return
         if self.bar is None:
             return
         if self.task is not None:
@@ -121,9 +145,19 @@ class Progress:
         self.task = self.bar.add_task(f"epoch {epoch}/{epochs}", total=batches, stats="")
 
     def advance(self, completed: int, *, loss: float, top1: float, rate: float) -> None:
+        stats = f"loss {loss:.3f} top1 {top1:.3f} {rate:.0f} img/s"
+        if self.notebook_bar is not None:
+            self.notebook_bar.set_postfix_str(stats, refresh=False)
+            self.notebook_bar.update(completed - self.notebook_bar.n)
         if self.bar is not None:
-            self.bar.update(self.task, completed=completed, stats=f"loss {loss:.3f} top1 {top1:.3f} {rate:.0f} img/s")
+            self.bar.update(self.task, completed=completed, stats=stats)
+
+    def _close_notebook_bar(self) -> None:
+        if self.notebook_bar is not None:
+            self.notebook_bar.close()
+            self.notebook_bar = None
 
     def close(self) -> None:
+        self._close_notebook_bar()
         if self.bar is not None:
             self.bar.stop()

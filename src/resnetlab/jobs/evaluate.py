@@ -12,6 +12,7 @@ the accuracy of what is deployed, measured on the whole split rather than on the
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from datetime import datetime
@@ -34,6 +35,8 @@ from resnetlab.engine.evaluation_loop import evaluate_loader
 from resnetlab.engine.runtime import Runtime, resolve_runtime
 from resnetlab.errors import ConfigError, DataError
 from resnetlab.utils.io import write_csv_rows
+
+_logger = logging.getLogger(__name__)  # the default log of functions that take a `log` callable
 
 GRADCAM_IMAGES = 16
 
@@ -78,7 +81,7 @@ def evaluate_model_on_batches(model, runtime: Runtime, batches, table: SampleTab
                               prep: Preprocessing, out_dir: Path, val_batches=None, topk: int = 5,
                               gradcam: bool = True, split_name: str = "test", labels_present: list[int] | None = None,
                               tta: bool = False, flip_allowed: bool = False, evaluated_model: dict | None = None,
-                              log: Callable[[str], None] = print):
+                              log: Callable[[str], None] = _logger.info):
     from resnetlab.evaluation.metrics import evaluate_predictions
 
     flip = tta and flip_allowed
@@ -131,7 +134,7 @@ def _save_gradcam(model, runtime: Runtime, table: SampleTable, targets: torch.Te
 
 
 def deployment_check(checkpoint_file: Path, meta: dict, batches, reference, *,
-                     log: Callable[[str], None] = print) -> dict | None:
+                     log: Callable[[str], None] = _logger.info) -> dict | None:
     """When the default deployment path runs this model in bf16 on this machine (:mod:`resnetlab.deployment.policy`),
     what that costs on ``batches``: the bf16 package (built into the export cache, where ``predict`` and ``serve``
     will find it) evaluated beside ``reference``, the float32 evaluation of the same images. None when the default
@@ -227,7 +230,7 @@ def check_evaluation_dir(out_dir: Path, *, overwrite: bool) -> None:
 def evaluate_job(checkpoint: Path, data_spec: str | None, split: str, out_dir: Path, *, tta: bool = False,
                  device: str = "auto", batch_size: int | None = None, overrides: list[str] | None = None,
                  export_dir: Path | None = None, overwrite: bool = False,
-                 log: Callable[[str], None] = print) -> Path:
+                 log: Callable[[str], None] = _logger.info) -> Path:
     """Evaluate ``checkpoint`` (a file or run directory), or with ``export_dir`` its export, on ``split``.
 
     ``out_dir`` must be empty or new unless ``overwrite``. Images that cannot be decoded stop the evaluation with

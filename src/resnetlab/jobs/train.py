@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-import resnetlab
+from resnetlab._version import __version__
 from resnetlab.checkpoint import load_checkpoint
 from resnetlab.config import RunConfig
 from resnetlab.data.build import RunData, build_run_data, eval_batches_for_table
@@ -255,7 +255,7 @@ def _open_inputs(cfg: RunConfig, log: RunLog, dist: DistributedContext, *, sourc
     # The same seed on every rank: the in-memory batches draw their order from the global RNG, and the ranks must
     # agree on it to take disjoint shards of one permutation (as DistributedSampler does with its shared seed).
     seed_everything(cfg.train.seed, cfg.train.deterministic)
-    log(f"resnetlab {resnetlab.__version__}, torch {torch.__version__}: {runtime.describe()}")
+    log(f"resnetlab {__version__}, torch {torch.__version__}: {runtime.describe()}")
     eval_runtime = runtime.for_evaluation(cfg.eval.precision)
     if eval_runtime is not runtime:
         log("validation and test in float32 (eval.precision=fp32), as predict and serve run models below 1 GMAC")
@@ -419,7 +419,7 @@ def _write_run_info(out: Path, cfg: RunConfig, runtime, data: RunData, model, ou
     from resnetlab.models import count_params
 
     write_json(out / "run_info.json", {
-        "resnetlab_version": resnetlab.__version__,
+        "resnetlab_version": __version__,
         "torch_version": str(torch.__version__),
         "python_version": platform.python_version(),
         "hostname": socket.gethostname(),

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-import resnetlab
+from resnetlab._version import __version__
 from resnetlab.evaluation.metrics import REJECT_FRACTIONS, reject_key
 from resnetlab.reporting import plots
 from resnetlab.reporting.document import Document
@@ -541,7 +541,7 @@ def build_report(run: RunFiles, plots_dir: Path, *, load_image: Callable[[str], 
     plots_dir.mkdir(parents=True, exist_ok=True)
     doc = Document(title=f"resnetlab report: {run.name}")
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    doc.paragraph(f"Rendered {stamp} by resnetlab {resnetlab.__version__} (Python {platform.python_version()}) "
+    doc.paragraph(f"Rendered {stamp} by resnetlab {__version__} (Python {platform.python_version()}) "
                   f"from the files in `{run.root}`.")
     _summary(doc, run, derive_findings(run, f1_threshold))
     _configuration(doc, run)

@@ -46,8 +46,8 @@ from resnetlab.tuning.results import (
 from resnetlab.tuning.space import SearchSpace, apply_params, format_value
 from resnetlab.tuning.study import (
     REFIT_ATTR, WORKER_ATTR, Heartbeat, ask, StudyView, check_setup, claim_verdict, describe_storage,
-    finish_error, finish_skipped, has_work, open_study, recover_dead_trials, resolve_storage, root_number,
-    study_is_settled, tell, worker_record,
+    finish_error, finish_skipped, has_work, open_study, optuna_logging, recover_dead_trials, resolve_storage,
+    root_number, study_is_settled, tell, worker_record,
 )
 from resnetlab.tuning.trial import METRICS, PruneRule, TrialPruned, run_trial
 from resnetlab.utils.io import write_json, write_text
@@ -106,6 +106,11 @@ class TuneOutcome:
 
 def tune_job(base: RunConfig, space: SearchSpace, options: TuneOptions) -> TuneOutcome:
     """Run (or resume, or join) the search described by ``base``, ``space`` and ``options``."""
+    with optuna_logging():  # Optuna's per-trial INFO lines would repeat the tune log; restored afterwards
+        return _tune_job(base, space, options)
+
+
+def _tune_job(base: RunConfig, space: SearchSpace, options: TuneOptions) -> TuneOutcome:
     _check_options(space, options)
     out = Path(options.out)
     if options.overwrite:

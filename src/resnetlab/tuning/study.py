@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import threading
@@ -38,6 +39,8 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from resnetlab.errors import ConfigError, first_line
+
+_logger = logging.getLogger(__name__)  # the default log of functions that take a `log` callable
 
 #: Seconds between heartbeats of a running trial in an RDB storage, and how long one may be missed before another
 #: worker declares the trial's worker dead (only for workers on other machines: same-machine workers are checked
@@ -58,6 +61,24 @@ def _experimental_api():
         yield
 
 
+@contextlib.contextmanager
+def optuna_logging(verbosity: int = optuna.logging.WARNING):
+    """Optuna's own logging at ``verbosity`` for the duration of a search, as it was afterwards: by default it
+    logs every trial at INFO level on stderr, which the tune log already says better. Scoped, so that importing
+    resnetlab or tuning once leaves the Optuna of a user's other studies as it was.
+
+    Example:
+        >>> with optuna_logging():  # doctest: +SKIP
+        ...     study.tell(trial, 0.9)
+    """
+    previous = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(verbosity)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(previous)
+
+
 def ask(study: optuna.Study) -> optuna.Trial:
     with _experimental_api():
         return study.ask()
@@ -67,8 +88,6 @@ SETUP_ATTR = "resnetlab_setup"
 STATUS_ATTR = "status"
 WORKER_ATTR = "worker"
 REFIT_ATTR = "refit"
-
-optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -338,7 +357,7 @@ def has_work(view: StudyView, *, grid_size: int | None, n_trials: int | None) ->
     return n_trials is None or len([s for s in slots if s[0] == "trial"]) < n_trials
 
 
-def recover_dead_trials(study: optuna.Study, log=print) -> list[int]:
+def recover_dead_trials(study: optuna.Study, log=_logger.info) -> list[int]:
     """Fail the trials of dead workers and queue each of them again once; returns the numbers failed here."""
     failed = []
     now = time.time()
