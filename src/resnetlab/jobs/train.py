@@ -29,6 +29,7 @@ from resnetlab.engine.runtime import Runtime, resolve_runtime, seed_everything
 from resnetlab.engine.trainer import Trainer
 from resnetlab.errors import ConfigError
 from resnetlab.jobs.evaluate import deployment_check, evaluate_model_on_batches
+from resnetlab.reporting.runs_index import RUN_MARKERS, is_run_dir
 from resnetlab.utils.io import read_json, write_csv_rows, write_json, write_text
 from resnetlab.utils.runlog import RunLog
 
@@ -39,18 +40,10 @@ def default_run_dir(recipe: str) -> Path:
     return Path("runs") / f"{recipe}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-# Files that only a resnetlab run writes beside its config.yaml: --overwrite replaces a folder holding both, and
-# nothing else (a config.yaml alone may belong to anything).
-RUN_MARKERS = ("run_info.json", "checkpoints", "train.log", "metrics.csv", "splits.csv")
-# Everything a run (and `evaluate` into it) writes at its top level: --overwrite deletes these and refuses a run
+# Everything a run (and `evaluate` or `export` into it) writes at its top level: --overwrite deletes these and refuses a run
 # folder that holds anything else, which is the user's own (a note, a dataset, an export) and not ours to delete.
-RUN_ENTRIES = frozenset(RUN_MARKERS + ("config.yaml", "eval", "evaluations", "plots", "report.md", "report.html",
-                                       "tensorboard"))
-
-
-def is_run_dir(folder: Path) -> bool:
-    """Whether ``folder`` holds a resnetlab run (its config.yaml and at least one other file every run writes)."""
-    return (folder / "config.yaml").is_file() and any((folder / name).exists() for name in RUN_MARKERS)
+RUN_ENTRIES = frozenset(RUN_MARKERS + ("config.yaml", "eval", "evaluations", "exports", "plots", "report.md",
+                                       "report.html", "tensorboard"))
 
 
 def check_run_dir(out: Path, *, overwrite: bool, resume: bool) -> None:
