@@ -100,7 +100,7 @@ def run(path: str | Path) -> Run:
     Example:
         >>> rl.run("runs/demo-20260101-120000").metrics["top1"]  # doctest: +SKIP
     """
-    from resnetlab.jobs.train import is_run_dir
+    from resnetlab.reporting.runs_index import is_run_dir
 
     folder = Path(path)
     if not is_run_dir(folder):
