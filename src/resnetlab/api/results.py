@@ -59,13 +59,18 @@ def _read_json_if(path: Path) -> dict[str, Any]:
 
 
 @dataclass(repr=False)
-class Evaluation:
-    """An evaluation folder: ``metrics.json``, ``per_class.csv``, the report (``rl.evaluate`` returns one)."""
+class ResultFolder:
+    """A folder of results that resnetlab wrote; ``dir`` may be given as a string."""
 
     dir: Path
 
     def __post_init__(self) -> None:
         self.dir = Path(self.dir)
+
+
+@dataclass(repr=False)
+class Evaluation(ResultFolder):
+    """An evaluation folder: ``metrics.json``, ``per_class.csv``, the report (``rl.evaluate`` returns one)."""
 
     @property
     def metrics(self) -> dict[str, Any]:
@@ -91,13 +96,8 @@ class Evaluation:
 
 
 @dataclass(repr=False)
-class Run:
+class Run(ResultFolder):
     """A run directory, as ``rl.train`` leaves it (or ``rl.run(path)`` finds it)."""
-
-    dir: Path
-
-    def __post_init__(self) -> None:
-        self.dir = Path(self.dir)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -163,13 +163,8 @@ class Run:
 
 
 @dataclass(repr=False)
-class Comparison:
+class Comparison(ResultFolder):
     """A comparison folder (``rl.compare``): ``compare.csv`` and the report."""
-
-    dir: Path
-
-    def __post_init__(self) -> None:
-        self.dir = Path(self.dir)
 
     @property
     def table(self) -> list[dict[str, Any]]:
@@ -186,15 +181,11 @@ class Comparison:
 
 
 @dataclass(repr=False)
-class TuneResult:
+class TuneResult(ResultFolder):
     """A tune folder (``rl.tune``): the best setting, every trial, and the refit run if there is one."""
 
-    dir: Path
     #: What this call did (``tuning.TuneOutcome``: trials run, whether the search is settled), when it ran one.
     outcome: Any = field(default=None, compare=False)
-
-    def __post_init__(self) -> None:
-        self.dir = Path(self.dir)
 
     @property
     def best(self) -> dict[str, Any]:
@@ -226,16 +217,15 @@ class TuneResult:
 
 
 @dataclass(repr=False)
-class Export:
+class Export(ResultFolder):
     """An export folder (``rl.export``): the model file and its deployment record (``preprocessing.json``)."""
 
-    dir: Path
     record: dict[str, Any] = field(default_factory=dict)
     #: The export's parity figures (``deployment.export.ExportResult``), when this call made it.
     result: Any = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        self.dir = Path(self.dir)
+        super().__post_init__()
         if not self.record:
             from resnetlab.deployment.records import read_export_record
 
