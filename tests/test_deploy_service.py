@@ -9,9 +9,7 @@ import json
 import os
 import select
 import shutil
-import socket
 import subprocess
-import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -174,41 +172,14 @@ def test_streamed_body_without_length_is_limited_too(client):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def live_server(tiny_checkpoint, tmp_path_factory):
     """`resnetlab serve CHECKPOINT` in its own process: the default path (ONNX Runtime through the export cache)."""
-    port = _free_port()
+    from tests.test_service_load import running_server
+
     log_path = tmp_path_factory.mktemp("server") / "serve.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "resnetlab", "serve", str(tiny_checkpoint), "--port",
-                                    str(port)], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"the server exited with {process.returncode}:\n{log_path.read_text()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"the server did not answer within 120 s:\n{log_path.read_text()}")
-        time.sleep(0.25)
-    yield url, log_path
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    with running_server(tiny_checkpoint, log_path, default_host=True) as (url, _process):
+        yield url, log_path
 
 
 def test_real_server_binds_loopback_and_answers_a_burst(live_server, sign_files, eager_predictions):

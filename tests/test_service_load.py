@@ -33,11 +33,14 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running_server(source: Path, log_path: Path, *flags: str, env: dict[str, str] | None = None,
-                   startup_s: float = 120) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`resnetlab serve SOURCE FLAGS` in its own process on a free loopback port, until the block ends."""
+                   startup_s: float = 120, default_host: bool = False) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`resnetlab serve SOURCE FLAGS` in its own process on a free loopback port, until the block ends.
+
+    ``default_host``: pass no --host, so that the service binds where it does by default (loopback)."""
     port = free_port()
+    host_flags = [] if default_host else ["--host", LOOPBACK]
     with open(log_path, "w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "resnetlab", "serve", str(source), "--host", LOOPBACK,
+        process = subprocess.Popen([sys.executable, "-m", "resnetlab", "serve", str(source), *host_flags,
                                     "--port", str(port), *flags], stdout=log, stderr=subprocess.STDOUT,
                                    env={**os.environ, **(env or {})})
     url = f"http://{LOOPBACK}:{port}"
