@@ -152,6 +152,14 @@ def normalize_contrast(image: Image.Image, mode: str) -> Image.Image:
     return Image.merge("YCbCr", (luma, blue, red)).convert("RGB")
 
 
+def resize_target(prep: Preprocessing) -> int:
+    """The side :func:`resize_to_input` resizes to before any crop (squash: the input size; shorter_crop: the
+    shorter side, ``input_size / crop_pct``)."""
+    if prep.resize == "squash":
+        return prep.input_size
+    return int(round(prep.input_size / prep.crop_pct))
+
+
 def resize_to_input(image: Image.Image, prep: Preprocessing) -> Image.Image:
     """ROI-cropped RGB image -> the model's input size, contrast normalized first when the record asks for it."""
     image = normalize_contrast(image, prep.contrast)
@@ -159,7 +167,7 @@ def resize_to_input(image: Image.Image, prep: Preprocessing) -> Image.Image:
     mode = _interpolation(prep.interpolation)
     if prep.resize == "squash":
         return TF.resize(image, [size, size], interpolation=mode, antialias=True)
-    image = TF.resize(image, int(round(size / prep.crop_pct)), interpolation=mode, antialias=True)
+    image = TF.resize(image, resize_target(prep), interpolation=mode, antialias=True)
     return TF.center_crop(image, [size, size])
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from resnetlab.data.preprocessing import MAX_IMAGE_PIXELS, Preprocessing, _to_rgb, load_image
+from resnetlab.data.preprocessing import MAX_IMAGE_PIXELS, Preprocessing, _to_rgb, load_image, resize_target
 from resnetlab.deployment.service_settings import DEFAULT_MAX_IMAGE_PIXELS
 from resnetlab.errors import DataError
 
@@ -58,14 +58,6 @@ class _NamedBytes(io.BytesIO):
 
     def __str__(self) -> str:
         return self._display_name
-
-
-def resize_target(prep: Preprocessing) -> int:
-    """The side the preprocessing resizes to before any crop (squash: the input size; shorter_crop: the shorter
-    side, ``input_size / crop_pct``)."""
-    if prep.resize == "squash":
-        return prep.input_size
-    return int(round(prep.input_size / prep.crop_pct))
 
 
 def decode_upload(data: bytes, name: str, prep: Preprocessing, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> DecodedImage:
