@@ -106,6 +106,43 @@ class DataRecord(StrictRecord):
     split_fingerprints: dict[str, str] = Field(default_factory=dict)
 
 
+_Probability = Annotated[float, Field(ge=0, le=1)]
+
+
+class RiskCoverageRecord(StrictRecord):
+    """The validation risk-coverage curve of calibrated confidences (thresholds falling, coverage rising)."""
+
+    threshold: list[_Probability]
+    coverage: list[_Probability]
+    error: list[_Probability]
+
+    @model_validator(mode="after")
+    def _same_length(self) -> RiskCoverageRecord:
+        if not (len(self.threshold) == len(self.coverage) == len(self.error)) or not self.threshold:
+            raise ValueError("threshold, coverage and error must be non-empty lists of one length")
+        return self
+
+
+class OperatingPointRecord(StrictRecord):
+    rule: Literal["coverage", "max_error", "threshold", "accept_all"]
+    target: float
+    threshold: _Probability
+    coverage: _Probability | None = None
+    error: _Probability | None = None
+
+
+class CalibrationRecord(StrictRecord):
+    """``meta["calibration"]``: what :func:`resnetlab.evaluation.selective.fit_calibration` fitted on validation."""
+
+    temperature: float = Field(gt=0, allow_inf_nan=False)
+    fitted_on: str
+    num_images: int = Field(ge=1)
+    ece_before: float | None = None
+    ece_after: float | None = None
+    risk_coverage: RiskCoverageRecord
+    operating_point: OperatingPointRecord
+
+
 class CheckpointMeta(StrictRecord):
     format_version: int
     resnetlab_version: str | None = None
@@ -119,6 +156,8 @@ class CheckpointMeta(StrictRecord):
     monitor: str | None = None
     best_metric: float | None = None
     weights: Literal["raw", "ema"] = "raw"
+    # Absent in checkpoints written before calibration was stored, or by runs without a validation split.
+    calibration: CalibrationRecord | None = None
 
     @model_validator(mode="after")
     def _classes_fit_the_model(self) -> CheckpointMeta:
@@ -194,6 +233,19 @@ def build_meta(*, model_name: str, model_kwargs: dict, class_ids: list, class_na
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     torch_save(state, path)
+
+
+def store_calibration(path: str | Path, calibration: dict[str, Any]) -> dict[str, Any]:
+    """Write ``calibration`` (a :func:`~resnetlab.evaluation.selective.fit_calibration` record) into the checkpoint
+    at ``path`` as ``meta["calibration"]``, atomically; returns the new meta."""
+    try:
+        CalibrationRecord.model_validate(calibration)
+    except ValidationError as err:
+        raise CheckpointError(f"calibration for '{path}' is not valid: {describe_invalid(err, 'calibration')}") from None
+    state = load_checkpoint(path)
+    state["meta"] = {**state["meta"], "calibration": calibration}
+    save_checkpoint(path, state)
+    return state["meta"]
 
 
 def resolve_checkpoint_file(path: str | Path, *, folder_error: str = NOT_A_RUN_DIRECTORY) -> Path:

@@ -188,6 +188,14 @@ class EvalConfig(_Section):
     # When `predict` and `serve` would run the model in bf16 on this machine (large models on CPUs with bf16
     # instructions), also evaluate that bf16 package on the test split and report what it costs.
     deployment_check: bool = True
+    # The operating point stored with the model (see resnetlab.evaluation.selective): below its confidence
+    # threshold `predict` and `serve` answer "unknown". Chosen on the validation split after training by one rule:
+    # keep at least `coverage` of the in-domain validation images, or (when set, it wins) at most `max_error` error
+    # among the accepted ones.
+    coverage: float = Field(0.99, gt=0, le=1, description="Operating point: fraction of in-domain validation images "
+                                                           "accepted (predict/serve answer 'unknown' below it)")
+    max_error: float | None = Field(None, ge=0, lt=1, description="Operating point: at most this error among "
+                                                                    "accepted validation images (wins over coverage)")
 
 
 class LoggingConfig(_Section):

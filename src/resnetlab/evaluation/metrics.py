@@ -36,6 +36,7 @@ from resnetlab.evaluation.calibration import (
     reliability_bins,
     temperature_scaling,
 )
+from resnetlab.evaluation.selective import risk_coverage_curve
 from resnetlab.utils.io import write_csv, write_csv_rows, write_json
 
 #: Fractions of least-confident predictions rejected for the ``error_at_reject_*`` metrics.
@@ -77,22 +78,6 @@ def selective_error(confidences: np.ndarray, correct: np.ndarray, reject_fractio
     if len(kept) == 0:
         return float("nan")
     return float(1.0 - correct[kept].mean())
-
-
-def risk_coverage_curve(confidences: np.ndarray, correct: np.ndarray) -> dict[str, np.ndarray]:
-    """Selective risk (error rate among the accepted) against coverage when accepting most-confident first.
-
-    Returns ``coverage``, ``risk`` and ``confidence`` (the confidence of the last accepted prediction) arrays of
-    length N; the area under the curve (AURC) is ``risk.mean()``.
-    """
-    order = np.argsort(-confidences, kind="stable")
-    errors = 1.0 - correct[order].astype(np.float64)
-    accepted = np.arange(1, len(order) + 1, dtype=np.float64)
-    return {
-        "coverage": accepted / len(order),
-        "risk": np.cumsum(errors) / accepted,
-        "confidence": confidences[order],
-    }
 
 
 @dataclass
