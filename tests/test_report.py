@@ -109,7 +109,7 @@ def rendered(tmp_path_factory):
     return run_dir, markdown_path.read_text(), html_path.read_text()
 
 
-EXPECTED_FIGURES = ["training-curves", "per-class-f1", "confusion-matrix", "reliability-diagram", "risk-coverage",
+EXPECTED_FIGURES = ["training-curves", "time-to-accuracy", "per-class-f1", "confusion-matrix", "reliability-diagram", "risk-coverage",
                     "misclassified-gallery", "gradcam", "sample-predictions"]
 
 
@@ -130,7 +130,7 @@ def _table_rows(text):
 
 def test_report_files_and_plots(rendered):
     run_dir, markdown, _ = rendered
-    for name in ("training_curves", "confusion_matrix", "per_class_f1", "reliability_diagram", "risk_coverage",
+    for name in ("training_curves", "time_to_accuracy", "confusion_matrix", "per_class_f1", "reliability_diagram", "risk_coverage",
                  "misclassified", "gradcam", "sample_predictions"):
         with Image.open(run_dir / "plots" / f"{name}.png") as image:
             assert image.format == "PNG" and image.width > 200
@@ -299,3 +299,14 @@ def test_confusion_matrix_grows_with_the_class_count(tmp_path):
         # About 30 px per class at 43 classes keeps the 7 pt tick labels from overlapping.
         assert large_image.height >= 43 * 30 and large_image.width >= 43 * 30
         assert large_image.height > 2 * small_image.height
+
+
+def test_time_to_accuracy_accumulates_training_seconds():
+    from resnetlab.reporting.plots import time_to_accuracy_curves
+
+    history = {"epoch": np.array([1, 2, 3]), "epoch_seconds": np.array([10.0, 12.0, 11.0]),
+               "val_top1": np.array([0.5, 0.8, 0.9]), "ema_val_top1": np.array([np.nan, np.nan, np.nan])}
+    curves = time_to_accuracy_curves(history)
+    assert list(curves) == ["validation top-1"]  # an EMA column without values draws no line
+    assert curves["validation top-1"]["seconds"].tolist() == [10.0, 22.0, 33.0]
+    assert time_to_accuracy_curves({"epoch": np.array([1]), "val_top1": np.array([0.5])}) == {}

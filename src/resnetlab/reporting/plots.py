@@ -83,6 +83,45 @@ def training_curves(history: Mapping[str, Sequence[float]], out_path: Path, *, b
     return _save(figure, out_path)
 
 
+def time_to_accuracy(curves: Mapping[str, Mapping[str, Sequence[float]]], out_path: Path, *,
+                     targets: Sequence[float] = ()) -> Path:
+    """Validation top-1 against cumulative training time, one line per curve (``{"label": {"seconds": [...],
+    "top1": [...]}}``), with horizontal lines at the ``targets``: what a recipe reaches in how many minutes."""
+    figure = Figure(figsize=(8, 5))
+    axis = figure.subplots()
+    best = [float(np.nanmax(_as_float_array(c["top1"]))) for c in curves.values() if len(c["top1"])]
+    for label, curve in curves.items():
+        minutes = _as_float_array(curve["seconds"]) / 60.0
+        axis.plot(minutes, _as_float_array(curve["top1"]), marker="o", markersize=3, label=short_label(label, 48))
+    for target in targets:
+        axis.axhline(target, color="0.5", linestyle="--", linewidth=0.8)
+        axis.annotate(f"{target:.2%}", (0, target), textcoords="offset points", xytext=(2, 2), fontsize=8,
+                      color="0.3")
+    if best:
+        # The interesting part of such a curve is its last points: zoom to them rather than to the first epochs.
+        top = max(best)
+        axis.set_ylim(max(0.0, min(min(best) - 0.05, top - 0.1)), min(1.0, top + 0.01))
+    axis.set_xlabel("training time (minutes)")
+    axis.set_ylabel("validation top-1")
+    axis.set_title("Time to accuracy")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    return _save(figure, out_path)
+
+
+def time_to_accuracy_curves(history: Mapping[str, Sequence[float]]) -> dict[str, dict[str, np.ndarray]]:
+    """The time-to-accuracy curves of one run's ``metrics.csv`` columns: validation top-1 of the raw weights and, when
+    kept, of their EMA, against the cumulative ``epoch_seconds`` (training only, validation time excluded)."""
+    if "epoch_seconds" not in history or "val_top1" not in history:
+        return {}
+    seconds = np.cumsum(np.nan_to_num(_as_float_array(history["epoch_seconds"])))
+    curves = {"validation top-1": {"seconds": seconds, "top1": _as_float_array(history["val_top1"])}}
+    if "ema_val_top1" in history and np.isfinite(_as_float_array(history["ema_val_top1"])).any():
+        curves["EMA validation top-1"] = {"seconds": seconds, "top1": _as_float_array(history["ema_val_top1"])}
+    return curves
+
+
 def confusion_matrix(matrix, row_names: Sequence[str], col_names: Sequence[str], out_path: Path, *,
                      normalize: bool = True, title: str = "Confusion matrix") -> Path:
     """Row-normalised confusion matrix whose size grows with the class count, so 43 classes stay legible.

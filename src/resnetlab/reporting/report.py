@@ -342,6 +342,11 @@ def _training(doc: Document, run: RunFiles, plots_dir: Path) -> None:
     doc.figure(plots.training_curves(history, plots_dir / "training_curves.png", best_epoch=best_epoch),
                "Training curves: loss, accuracy, learning rate and train-minus-val accuracy gap "
                "(dashed line: best epoch).", "training-curves")
+    curves = plots.time_to_accuracy_curves(history)
+    if curves and np.isfinite(curves["validation top-1"]["top1"]).any():
+        doc.figure(plots.time_to_accuracy(curves, plots_dir / "time_to_accuracy.png"),
+                   "Time to accuracy: validation top-1 against cumulative training time (epoch_seconds in "
+                   "metrics.csv; validation passes not counted).", "time-to-accuracy")
     columns = [column for column in history if column != "epoch" and history[column].dtype != object]
     kinds = {column: _history_column_kind(column) for column in columns}
     rows = [[str(int(epoch)) + (" (best)" if best_epoch is not None and int(epoch) == best_epoch else "")]
