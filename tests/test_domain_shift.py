@@ -9,6 +9,7 @@ train a tiny model and evaluate it on the synthetic set and on a shifted copy of
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
 
@@ -263,8 +264,6 @@ def test_run_report_lists_the_runs_evaluations_on_other_data(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "best.pt").write_bytes(b"the weights")
-    import hashlib
-
     sha = hashlib.sha256(b"the weights").hexdigest()
     make_eval(run / "eval", _logits(rng, targets, 4.0), targets, sha=None)  # training's eval/ records no hash
     make_eval(run / "evaluations" / "folder-snow-test-20260101-000000", _logits(rng, targets, 1.0), targets,
@@ -292,7 +291,8 @@ def tiny_run_and_shift(tiny_signs, tmp_path_factory):
     root = tmp_path_factory.mktemp("domain")
     run = root / "run"
     assert main(["train", "--data", f"gtsrb:{tiny_signs}", "--epochs", "2", "--batch-size", "32", "--out", str(run),
-                 "--quiet", "train.threads=1", "optim.lr=0.05", "train.max_steps_per_epoch=6", "eval.gradcam=false"]) == 0
+                 "--quiet", "train.threads=1", "optim.lr=0.05", "train.max_steps_per_epoch=6",
+                 "eval.gradcam=false"]) == 0
     # The shifted domain: the test images at dusk (dark, low contrast, blurred), under another folder.
     shifted = root / "dusk"
     shifted.mkdir()
@@ -332,4 +332,3 @@ def test_compare_and_run_report_on_a_real_tiny_model(tiny_run_and_shift, tmp_pat
     assert main(["report", str(run)]) == 0
     section = _section((run / "report.md").read_text(), "Domain shift")
     assert f"evaluations/{evaluation.name} against eval" in section
-    print(section)

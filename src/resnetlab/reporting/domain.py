@@ -19,6 +19,7 @@ document. ``resnetlab compare`` and the run report (for ``RUN/evaluations/*``) b
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
@@ -46,6 +47,14 @@ AUROC_KEYS: tuple[tuple[str, str], ...] = (
 
 # ---------------------------------------------------------------------------------------------------- identity
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """The file's sha256, hashed once per file version (path, size, modification time) in a process: a comparison
+    asks for a run's checkpoint more than once, and a ResNet-50 checkpoint is 100 MB."""
+    stat = Path(path).stat()
+    return _file_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, chunk)
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int, chunk: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(chunk):
@@ -91,7 +100,7 @@ def domain_pairs(runs: Sequence[RunFiles], labels: Sequence[str], reference: int
 
     Evaluations are grouped by :func:`checkpoint_identity`; in each group of two or more, ``reference`` (an index)
     is the reference when it belongs to the group, else the group's first evaluation. A member scored on exactly
-    the reference's images (test-time augmentation, an export) is the same domain and left out, with a note.
+    the reference's images (test-time augmentation, a repeated evaluation) is the same domain and left out, with a note.
     """
     plan = DomainPlan()
     groups: dict[str, list[int]] = {}
@@ -196,8 +205,10 @@ def selective_figures(run: RunFiles, partner: RunFiles, label: str, partner_labe
     accepted = _column(run, "accepted")
     source = "predictions.csv accepted"
     if accepted is None:
+        source = "predictions.csv confidence at the threshold"
         if point is None:
             other = _operating_point(partner)
+            # A threshold is a confidence: it carries over only to confidences computed at the same temperature.
             if other is not None and (partner.metrics or {}).get("temperature_applied") == metrics.get(
                     "temperature_applied"):
                 point, source = other, f"predictions.csv confidence at the threshold of `{partner_label}`"
@@ -207,7 +218,6 @@ def selective_figures(run: RunFiles, partner: RunFiles, label: str, partner_labe
             return figures, (f"`{label}`: coverage at the operating point skipped: the evaluation records no "
                              f"operating point (made before resnetlab applied one); re-evaluate it to get it.")
         accepted = (confidence >= float(point["threshold"])).astype(np.float64)
-        source = source if source != "predictions.csv accepted" else "predictions.csv confidence at the threshold"
     kept = accepted > 0.5
     figures.update(accepted_fraction=float(kept.mean()),
                    error_among_accepted=float(1.0 - correct[kept].mean()) if kept.any() else None, source=source)
@@ -456,8 +466,9 @@ def run_domain_shift(run: RunFiles) -> tuple[list[dict[str, Any]], list[str]]:
             continue
         recorded = (evaluation.metrics or {}).get("checkpoint_sha256")
         if recorded and reference_sha and recorded != reference_sha:
-            notes.append(f"`{label}` evaluated another checkpoint (sha256 `{str(recorded)[:12]}`, not "
-                         f"checkpoints/best.pt's `{reference_sha[:12]}`, from which `eval` was made): left out.")
+            notes.append(f"`{label}` evaluated another checkpoint file (sha256 `{str(recorded)[:12]}`) than "
+                         f"checkpoints/best.pt as it is now (`{reference_sha[:12]}`), which `eval` stands for: left "
+                         f"out. If best.pt was rewritten since (e.g. a calibration stored into it), re-evaluate.")
             continue
         if reference_images is not None and image_set(evaluation) == reference_images:
             notes.append(f"`{label}` scored the same images as `eval`: not a shifted domain, left out.")
