@@ -159,12 +159,18 @@ def evaluate(source: str | Path | Run, data: str | None = None, *, split: str = 
     return Evaluation(out_dir)
 
 
-def compare(dirs: Sequence[str | Path | Run | Evaluation], out: str | Path | None = None) -> Comparison:
+def compare(dirs: Sequence[str | Path | Run | Evaluation], out: str | Path | None = None, *,
+            reference: str | Path | Run | Evaluation | None = None) -> Comparison:
     """Compare runs or evaluations side by side; the first is the baseline.
+
+    Evaluations of one checkpoint on different datasets also get a domain-shift comparison (per-class accuracy
+    drop, calibration, coverage at the operating point, out-of-distribution AUROC) against a reference evaluation.
 
     Args:
         dirs: Two or more run directories or evaluation folders (or the objects for them).
         out: Output folder (default ``compare-<time>``).
+        reference: The in-domain evaluation the others of its checkpoint are shifted domains of (a label, a
+            folder or its object; default: the first of them).
 
     Returns:
         The :class:`~resnetlab.api.results.Comparison` (``compare.csv`` as ``.table``, ``compare.html``).
@@ -181,7 +187,9 @@ def compare(dirs: Sequence[str | Path | Run | Evaluation], out: str | Path | Non
         if not folder.is_dir():
             raise ConfigError(f"'{folder}' is not a folder; pass run directories or evaluation folders")
     out_dir = Path(out) if out is not None else Path(f"compare-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
-    compare_runs(folders, out_dir)
+    if isinstance(reference, (Run, Evaluation)):
+        reference = reference.dir
+    compare_runs(folders, out_dir, reference=reference)
     return Comparison(out_dir)
 
 

@@ -181,11 +181,15 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory (or an 
 def compare(
     dirs: Annotated[list[Path], typer.Argument(help="Run directories or evaluation folders; the first is the baseline")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: compare-<time>)")] = None,
+    reference: Annotated[Optional[str], typer.Option(
+        "--reference", metavar="NAME",
+        help="In-domain evaluation (label or folder) that other evaluations of its checkpoint are shifted domains "
+             "of (default: the first)")] = None,
 ) -> None:
     """Side-by-side metrics with per-class deltas and overlaid training curves (recipes, domains, time budgets)."""
     from resnetlab.api.functions import compare as compare_runs
 
-    typer.echo(str(compare_runs(list(dirs), out).dir / "compare.md"))
+    typer.echo(str(compare_runs(list(dirs), out, reference=reference).dir / "compare.md"))
 
 
 # ---------------------------------------------------------------------------------------------------------------

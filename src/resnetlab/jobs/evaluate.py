@@ -34,7 +34,7 @@ from resnetlab.data.splits import plan_data_splits
 from resnetlab.engine.evaluation_loop import evaluate_loader
 from resnetlab.engine.runtime import Runtime, resolve_runtime
 from resnetlab.errors import ConfigError, DataError
-from resnetlab.utils.io import write_csv_rows
+from resnetlab.utils.io import read_json, write_csv_rows, write_json
 
 _logger = logging.getLogger(__name__)  # the default log of functions that take a `log` callable
 
@@ -316,5 +316,8 @@ def evaluate_job(checkpoint: Path, data_spec: str | None, split: str, out_dir: P
                               out_dir=out_dir, topk=saved.eval.topk, gradcam=gradcam, split_name=split,
                               labels_present=labels_present, tta=tta, flip_allowed=flip_allowed,
                               evaluated_model=evaluated, log=log)
+    from resnetlab.deployment.records import checkpoint_file_of, file_sha256  # names the model for `compare`
+    write_json(out_dir / "metrics.json", {**read_json(out_dir / "metrics.json"),
+                                          "checkpoint_sha256": file_sha256(checkpoint_file_of(checkpoint))})
     return out_dir
 

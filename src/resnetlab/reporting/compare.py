@@ -3,6 +3,9 @@
 Typical uses: two training recipes; one model on the original test set and on a shifted one (the per-class delta
 is then "shift minus clean"); runs trained under an equal time budget (training time and the accuracy-over-time
 curve are in the comparison). The first directory is the baseline every delta is taken against.
+
+When two or more of the compared evaluations come from the same checkpoint on different images, a "Domain shift"
+section compares each shifted domain with the reference evaluation (:mod:`resnetlab.reporting.domain`).
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from resnetlab.errors import ResnetlabError
-from resnetlab.utils.io import write_csv, write_csv_rows
-from resnetlab.reporting import plots
+from resnetlab.errors import ConfigError, ResnetlabError
+from resnetlab.utils.io import write_csv, write_csv_rows, write_json
+from resnetlab.reporting import domain, plots
 from resnetlab.reporting.document import Document
 from resnetlab.reporting.report import CALIBRATION_ROWS, RESULT_ROWS, best_epoch_of, format_duration, format_value
 from resnetlab.reporting.runfiles import RunFiles, load_run
@@ -119,18 +122,49 @@ def _per_class_table(runs: Sequence[RunFiles], labels: Sequence[str]) -> tuple[l
     return fields, table
 
 
-def compare_runs(dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
+def reference_index(reference: str | Path | None, dirs: Sequence[Path], labels: Sequence[str]) -> int | None:
+    """The position of ``reference`` among the compared directories: by label, by the path as given or resolved,
+    or by the folder name when only one folder has it."""
+    if reference is None:
+        return None
+    text = str(reference)
+    for index, label in enumerate(labels):
+        if text == label or text == str(dirs[index]):
+            return index
+    resolved = Path(text).resolve()
+    matches = [index for index, path in enumerate(dirs) if path.resolve() == resolved]
+    if not matches:
+        matches = [index for index, path in enumerate(dirs) if path.name == text]
+    if len(matches) == 1:
+        return matches[0]
+    raise ConfigError(f"--reference '{text}' names {'more than one' if matches else 'none'} of the compared "
+                      f"folders; give one of their labels: {', '.join(labels)}")
+
+
+def compare_runs(dirs: Sequence[str | Path], out_dir: str | Path, *, reference: str | Path | None = None) -> Path:
     """Compare run directories (with ``eval/``) or evaluation directories; the first is the baseline.
 
     Writes ``compare.csv`` (metric table), ``per_class_delta.csv``, ``compare_curves.png`` (when runs have a
     training history), ``per_class_delta.png``, ``compare.md`` and ``compare.html`` into ``out_dir``; returns the
-    path of ``compare.md``.
+    path of ``compare.md``. When evaluations of one checkpoint on different datasets are among them, the
+    reference of each such group (``reference``, a label or folder, when it belongs to the group; else the
+    group's first) is compared with the others as shifted domains: ``domain_shift.json`` (every figure),
+    ``domain_shift_per_class.csv`` and ``domain_shift.*`` rows in ``compare.csv``.
     """
     if len(dirs) < 2:
         raise ResnetlabError(f"compare needs at least two run or evaluation directories, got {len(dirs)}")
     dirs = [Path(d) for d in dirs]
     runs = [load_run(d) for d in dirs]
     labels = run_labels(dirs)
+    reference_at = reference_index(reference, dirs, labels)
+    plan = domain.domain_pairs(runs, labels, reference_at)
+    if reference_at is not None and not any(reference_at in pair for pair in plan.pairs):
+        raise ConfigError(f"--reference '{reference}': no other compared evaluation is of the same checkpoint "
+                          f"(checkpoint_sha256 in metrics.json, or a run's checkpoints/best.pt) on different "
+                          f"images, so there is no domain shift to measure against it; leave --reference out to "
+                          f"compare the folders metric by metric")
+    shifts = [domain.domain_shift(runs[ref], runs[index], labels[ref], labels[index]) for ref, index in plan.pairs]
+    shift_notes = plan.notes + [note for result in shifts for note in result["notes"]]
     out_dir = Path(out_dir)
     plots_dir = out_dir / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
@@ -151,6 +185,15 @@ def compare_runs(dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
     for _, key, _ in metric_specs:
         values = [(run.metrics or {}).get(key) for run in runs]
         csv_rows.append([key, *values, *(_delta(value, values[0]) for value in values[1:])])
+    if shifts:
+        # Pairwise figures (an AUROC, a drop) have no meaningful delta against the baseline: those cells stay empty.
+        csv_rows += [[*row, *([None] * (len(labels) - 1))] for row in domain.csv_values(shifts, labels)]
+        write_json(out_dir / "domain_shift.json", {"domain_shift": shifts, "notes": shift_notes})
+        write_csv(out_dir / "domain_shift_per_class.csv", domain.per_class_csv_rows(shifts),
+                  domain.PER_CLASS_CSV_FIELDS)
+    else:  # a comparison written earlier into the same folder must not leave its figures behind
+        for name in ("domain_shift.json", "domain_shift_per_class.csv"):
+            (out_dir / name).unlink(missing_ok=True)
     write_csv_rows(out_dir / "compare.csv", ["metric", *labels, *(f"delta_{label}" for label in labels[1:])],
                    csv_rows)
 
@@ -160,7 +203,7 @@ def compare_runs(dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
     doc = Document(title="resnetlab comparison: " + " vs ".join(labels))
     doc.paragraph("Baseline: `" + baseline + "`; every delta is the run's value minus the baseline's. Directories: "
                   + ", ".join(f"`{label}` = `{path}`" for label, path in zip(labels, dirs)) + ".")
-    findings = _comparison_findings(runs, labels, per_class_rows)
+    findings = _comparison_findings(runs, labels, per_class_rows) + _domain_findings(shifts)
     if findings:
         doc.heading("Findings")
         doc.bullets(findings)
@@ -228,8 +271,27 @@ def compare_runs(dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
             table.append(cells)
         doc.table(headers, table, ["left"] + ["right"] * (len(headers) - 1))
 
+    domain.add_domain_shift_section(doc, shifts, shift_notes if shifts else [])
     doc.write(out_dir / "compare.md", out_dir / "compare.html")
     return out_dir / "compare.md"
+
+
+def _domain_findings(shifts: Sequence[dict[str, Any]]) -> list[str]:
+    findings = []
+    for result in shifts:
+        parts = []
+        if result["top1"]["drop"] is not None:
+            parts.append(f"top-1 {100 * -result['top1']['drop']:+.2f} points")
+        for key, name in (("auroc_max_probability", "max-probability AUROC"),
+                          ("auroc_max_probability_errors", "on its errors")):
+            if result["ood"].get(key) is not None:
+                parts.append(f"{name} {result['ood'][key]:.3f}")
+        if result["worst_classes"]:
+            parts.append("worst classes " + ", ".join(result["worst_classes"]))
+        if parts:
+            findings.append(f"Domain shift `{result['shifted']}` against `{result['reference']}`: "
+                            + ", ".join(parts) + ".")
+    return findings
 
 
 def _comparison_findings(runs: Sequence[RunFiles], labels: Sequence[str],

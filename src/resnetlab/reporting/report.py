@@ -22,6 +22,7 @@ from resnetlab._version import __version__
 from resnetlab.evaluation.metrics import REJECT_FRACTIONS, reject_key
 from resnetlab.reporting import plots
 from resnetlab.reporting.document import Document
+from resnetlab.reporting.domain import add_domain_shift_section, run_domain_shift
 from resnetlab.reporting.runfiles import RunFiles, load_run
 
 #: Classes whose test F1 is below this are listed as findings.
@@ -525,6 +526,13 @@ def _galleries(doc: Document, run: RunFiles, plots_dir: Path,
                        "sample-predictions")
 
 
+def _domain_shift(doc: Document, run: RunFiles) -> None:
+    """The run's evaluations on other datasets (``evaluations/*``, from ``resnetlab evaluate RUN --data ...``)
+    against its own test results in ``eval/``: accuracy per class, calibration, coverage and OOD AUROC."""
+    results, notes = run_domain_shift(run)
+    add_domain_shift_section(doc, results, notes)
+
+
 def _environment(doc: Document, run: RunFiles) -> None:
     info = run.run_info
     if not info:
@@ -556,6 +564,7 @@ def build_report(run: RunFiles, plots_dir: Path, *, load_image: Callable[[str], 
     _confusion(doc, run, plots_dir)
     _calibration(doc, run, plots_dir)
     _galleries(doc, run, plots_dir, load_image)
+    _domain_shift(doc, run)
     _environment(doc, run)
     return doc
 
