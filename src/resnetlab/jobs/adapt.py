@@ -28,6 +28,7 @@ from resnetlab.checkpoint import (
     model_from_checkpoint,
     preprocessing_from_meta,
     resolve_checkpoint_file,
+    validate_meta,
 )
 from resnetlab.config import RunConfig
 from resnetlab.data.build import SplitData, auto_workers, load_split
@@ -273,7 +274,7 @@ def adapt_job(checkpoint: Path, data_spec: str, *, out: Path | None = None, meth
     weights = {name: tensor.detach().cpu().to(source_weights[name].dtype) if name in source_weights else tensor.cpu()
                for name, tensor in model.state_dict().items()}
     new_meta = _adapted_meta(meta, record)
+    validate_meta(new_meta, out_file)  # what evaluate, predict and serve check first: fail here, before writing
     torch_save({"model": weights, "meta": new_meta}, out_file)
-    load_checkpoint(out_file)  # what evaluate, predict and serve will do first: fail here, not there
     log(f"adapted checkpoint written to {out_file}")
     return AdaptOutcome(out_file, new_meta["adaptation"])
