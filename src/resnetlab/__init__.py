@@ -29,6 +29,7 @@ _API_NAMES = (
     "Classifier", "Comparison", "ConfigError", "DataError", "Evaluation", "Export", "Prediction", "ResnetlabError",
     "Run", "RunSummary", "TuneResult", "compare", "create_model", "evaluate", "export", "list_models",
     "list_recipes", "load", "open_dataset", "run", "runs", "train", "tune",
+    "Adaptation", "adapt",
 )
 
 __all__ = ["__version__", *_API_NAMES]
@@ -39,6 +40,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs only; at run time __getattr__ im
         RunSummary, TuneResult, compare, create_model, evaluate, export, list_models, list_recipes, load,
         open_dataset, run, runs, train, tune,
     )
+    from resnetlab.api import Adaptation, adapt  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -5,6 +5,7 @@ Layer: above ``bench`` and ``tuning``, below ``cli`` (``docs/architecture.md``).
 """
 
 from resnetlab.api.classifier import Classifier, Prediction, load
+from resnetlab.api.functions import adapt
 from resnetlab.api.functions import (
     compare,
     create_model,
@@ -17,6 +18,7 @@ from resnetlab.api.functions import (
     train,
     tune,
 )
+from resnetlab.api.results import Adaptation
 from resnetlab.api.results import Comparison, Evaluation, Export, Run, TuneResult
 from resnetlab.errors import ConfigError, DataError, ResnetlabError
 from resnetlab.reporting.runs_index import RunSummary, runs
@@ -25,4 +27,5 @@ __all__ = [
     "Classifier", "Comparison", "ConfigError", "DataError", "Evaluation", "Export", "Prediction", "ResnetlabError",
     "Run", "RunSummary", "TuneResult", "compare", "create_model", "evaluate", "export", "list_models",
     "list_recipes", "load", "open_dataset", "run", "runs", "train", "tune",
+    "Adaptation", "adapt",
 ]

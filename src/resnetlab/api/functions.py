@@ -25,6 +25,7 @@ from resnetlab.api.options import (
     value_text,
 )
 from resnetlab.api.results import Comparison, Evaluation, Export, Run, TuneResult
+from resnetlab.api.results import Adaptation
 from resnetlab.errors import ConfigError, ResnetlabError
 
 if TYPE_CHECKING:
@@ -328,6 +329,58 @@ def export(model_or_path: str | Path | Run | Classifier, format: str = "onnx", o
                                parity_batch=parity_batch, quantize=quantize, calibration_data=calibration_data,
                                precision=precision, log=logger.info)
     return Export(result.out_dir, result=result)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# adapt
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def adapt(source: str | Path | Run, data: str, *, out: str | Path | None = None, method: str = "adabn",
+          steps: int | None = None, lr: float | None = None, batch_size: int | None = None, seed: int = 0,
+          device: str = "auto", overwrite: bool = False, overrides: Overrides = None) -> Adaptation:
+    """Adapt a trained model to a new domain's images, without labels, into a new checkpoint.
+
+    AdaBN (Li et al. 2016) re-estimates the BatchNorm running statistics on the new images; ``method="tent"``
+    (Wang et al. 2021) first trains the BatchNorm weights and biases to minimise the entropy of the model's
+    predictions on them, then re-estimates the statistics. Nothing else changes, and the input checkpoint is only
+    read. The images are prepared as the checkpoint's preprocessing says, without augmentation.
+
+    Args:
+        source: A run directory, a checkpoint or a :class:`~resnetlab.api.results.Run`.
+        data: The new domain: ``folder:PATH`` (every image below PATH; class folders are not needed and not read),
+            or any labelled spec (``gtsrb:PATH``, ``csv:FILE`` ...), whose labels are ignored.
+        out: The new checkpoint, a ``.pt`` file or a folder (default ``<run>/adapted/<data>-<method>.pt``).
+        method: ``adabn`` or ``tent``.
+        steps: TENT's optimizer steps (default: one pass over the images, one step per batch).
+        lr: TENT's learning rate (Adam; default 1e-3).
+        batch_size: Images per batch (default: the run's training batch size, at most half the images).
+        seed: Seeds the order of the images.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        overwrite: Replace an existing output file.
+        overrides: ``data.*`` settings for reading the data (``{"data.on_bad_image": "skip"}``), as for
+            :func:`evaluate`.
+
+    Returns:
+        The :class:`~resnetlab.api.results.Adaptation`: ``.checkpoint``, ``.record`` (``meta["adaptation"]``),
+        ``.load()``.
+
+    Raises:
+        ConfigError: A bad option, an existing output without ``overwrite``, or a model without BatchNorm;
+            DataError: too few or unreadable images.
+
+    Example:
+        >>> adapted = rl.adapt("runs/signs", data="folder:photos/night", method="tent")  # doctest: +SKIP
+        >>> rl.evaluate(adapted.checkpoint, data="csv:night/labels.csv").metrics["top1"]  # doctest: +SKIP
+    """
+    from resnetlab.jobs.adapt import adapt_job
+
+    checkpoint = Path(source.dir if isinstance(source, Run) else source)
+    texts = override_texts(overrides)
+    outcome = adapt_job(checkpoint, data, out=Path(out) if out is not None else None, method=method, steps=steps,
+                        lr=lr, batch_size=batch_size, seed=seed, device=device, overrides=texts,
+                        overwrite=overwrite, log=logger.info)
+    return Adaptation(outcome.checkpoint, record=outcome.record)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -245,3 +245,33 @@ class Export(ResultFolder):
         artifact = self.record.get("artifact", {})
         return (f"Export({str(self.dir)!r}, format={artifact.get('format')}, "
                 f"precision={artifact.get('precision', 'float32')}, classes={len(self.record['classes']['names'])})")
+
+
+@dataclass(repr=False)
+class Adaptation:
+    """A checkpoint adapted to a new domain (``rl.adapt``): a new ``.pt`` file beside the run, and how it was made.
+
+    It is an ordinary checkpoint: ``rl.evaluate``, ``rl.load``, ``rl.export`` and ``resnetlab serve`` take it.
+    """
+
+    checkpoint: Path
+    #: ``meta["adaptation"]``: method, data, num_images, steps, lr, source_checkpoint_sha256, mean entropies, time ...
+    record: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.checkpoint = Path(self.checkpoint)
+        if not self.record:
+            from resnetlab.checkpoint import load_checkpoint
+
+            self.record = dict(load_checkpoint(self.checkpoint)["meta"].get("adaptation") or {})
+
+    def load(self, **options: Any) -> Classifier:
+        """The adapted model as a :class:`~resnetlab.api.classifier.Classifier` (options: as ``rl.load``)."""
+        from resnetlab.api.classifier import load
+
+        return load(self.checkpoint, **options)
+
+    def __repr__(self) -> str:
+        record = self.record
+        return (f"Adaptation({str(self.checkpoint)!r}, method={record.get('method')}, data={record.get('data')}, "
+                f"images={record.get('num_images')})")

@@ -193,6 +193,36 @@ def compare(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# adapt
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def adapt(
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT|RUN_DIR", help="A checkpoint (.pt) or a run directory; it is only read")],
+    data: Annotated[str, typer.Option("--data", "-d", help="The new domain's images: folder:PATH (any folder of images, no class folders needed) or any dataset spec, whose labels are ignored", rich_help_panel=DATA)],
+    method: Annotated[str, typer.Option("--method", help="adabn: re-estimate the BatchNorm statistics; tent: first train the BatchNorm weights and biases to minimise the prediction entropy, then re-estimate", rich_help_panel=MODEL)] = "adabn",
+    steps: Annotated[Optional[int], typer.Option("--steps", help="TENT optimizer steps (default: one pass over the images)", rich_help_panel=MODEL)] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="TENT learning rate (Adam; default 0.001)", rich_help_panel=MODEL)] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Images per batch (default: the run's training batch size, at most half the images)", rich_help_panel=DATA)] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds the order of the images", rich_help_panel=MODEL)] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda", rich_help_panel=MODEL)] = "auto",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The new checkpoint: a .pt file or a folder (default: <run>/adapted/<data>-<method>.pt)", rich_help_panel=OUTPUT)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file", rich_help_panel=OUTPUT)] = False,
+    overrides: Annotated[Optional[list[str]], typer.Argument(metavar="[data.KEY=VALUE]...", help="Settings for reading the data, e.g. data.on_bad_image=skip (the preprocessing is the checkpoint's)", show_default=False)] = None,
+) -> None:
+    """Adapt a model to a new domain without labels (AdaBN, or TENT): a new checkpoint whose BatchNorm layers fit the
+    new images, for evaluate, predict, export and serve."""
+    from resnetlab.api.functions import adapt as adapt_model
+
+    adapted = adapt_model(checkpoint, data, out=out, method=method, steps=steps, lr=lr, batch_size=batch_size,
+                          seed=seed, device=device, overwrite=overwrite, overrides=list(overrides or []))
+    record = adapted.record
+    typer.echo(f"{record['method']} on {record['num_images']} images  mean entropy {record['mean_entropy_before']:.4f}"
+               f" -> {record['mean_entropy_after']:.4f}  -> {adapted.checkpoint}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # registries
 # ---------------------------------------------------------------------------------------------------------------
 
