@@ -1,4 +1,4 @@
-"""``resnetlab data sample``: K shots per class into fewshot.csv, the rest into rest.csv, with no track on both sides."""
+"""``resnetlab data sample``: K shots per class into fewshot.csv, the rest into rest.csv, no track on both sides."""
 
 from __future__ import annotations
 

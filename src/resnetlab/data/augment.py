@@ -175,8 +175,9 @@ def build_file_transform(policy: AugmentPolicy, size: int, *, randaugment: bool 
     if policy.fill == "zeros":
         geometry: list = []
         if policy.rotation or policy.translate or policy.shear or policy.scale != (1.0, 1.0):
-            geometry.append(v2.RandomAffine(degrees=policy.rotation, translate=(policy.translate, policy.translate) if policy.translate else None,
-                                            scale=policy.scale if policy.scale != (1.0, 1.0) else None, shear=policy.shear or None))
+            geometry.append(v2.RandomAffine(
+                degrees=policy.rotation, translate=(policy.translate, policy.translate) if policy.translate else None,
+                scale=policy.scale if policy.scale != (1.0, 1.0) else None, shear=policy.shear or None))
         if policy.perspective:
             geometry.append(v2.RandomPerspective(distortion_scale=2 * policy.perspective, p=0.5))
         steps += [v2.RandomApply(geometry, p=policy.geometry_p)] if geometry and policy.geometry_p < 1 else geometry
@@ -364,7 +365,7 @@ class BatchAugment:
             tx = (torch.rand(n, device=device) * 2 - 1) * (1 - sx)
             ty = (torch.rand(n, device=device) * 2 - 1) * (1 - sy)
         warped = None
-        if p.geometry_p < 1:  # samples left unwarped get the identity (drawn only then: older presets keep their stream)
+        if p.geometry_p < 1:  # unwarped samples get the identity (drawn only here: older presets keep their stream)
             warped = torch.rand(n, device=device) < p.geometry_p
             angle, shear, tx, ty = angle * warped, shear * warped, tx * warped, ty * warped
             sx, sy = torch.where(warped, sx, 1.0), torch.where(warped, sy, 1.0)
@@ -447,15 +448,22 @@ def _photometric(batch: torch.Tensor, p: AugmentPolicy) -> torch.Tensor:
         weight = torch.where(chosen(p.haze), uniform(*p.haze_range), 0.0)
         batch = batch * (1 - weight) + veil * weight
     batch = batch.clamp(0, 1)
-    if p.blur:
-        sigma = torch.where(chosen(p.blur).view(n), uniform(*p.blur_sigma).view(n), 0.0)
-        batch = _gaussian_blur(batch, sigma, radius=math.ceil(3 * p.blur_sigma[1]))
-    if p.noise:
-        std = torch.where(chosen(p.noise), uniform(*p.noise_std), 0.0)
-        batch = (batch + torch.randn_like(batch) * std).clamp(0, 1)
+    # Blur and noise cost a convolution and a normal draw per pixel: they run on the chosen samples only.
+    if p.blur and len(index := _chosen_index(n, p.blur, device)):
+        sigma = torch.empty(len(index), device=device).uniform_(*p.blur_sigma)
+        blurred = _gaussian_blur(batch[index], sigma, radius=math.ceil(3 * p.blur_sigma[1]))
+        batch = batch.index_copy(0, index, blurred)
+    if p.noise and len(index := _chosen_index(n, p.noise, device)):
+        std = torch.empty(len(index), 1, 1, 1, device=device, dtype=dtype).uniform_(*p.noise_std)
+        part = batch[index]
+        batch = batch.index_copy(0, index, (part + torch.randn_like(part) * std).clamp(0, 1))
     if p.jpeg:
         batch = _jpeg(batch, chosen(p.jpeg).view(n), torch.randint(p.jpeg_quality[0], p.jpeg_quality[1] + 1, (n,)))
     return batch
+
+
+def _chosen_index(n: int, probability: float, device) -> torch.Tensor:
+    return torch.nonzero(torch.rand(n, device=device) < probability).flatten()
 
 
 def _gaussian_blur(batch: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:

@@ -9,8 +9,8 @@ reads back as ``csv:`` specs:
 * ``excluded.csv`` -- only for a dataset with groups, and only when some are left over: the other images of the
   groups a shot came from (see below);
 * ``split.csv`` -- with ``split_test=True``: the rows of fewshot.csv and rest.csv with a ``Split`` column (``train``,
-  ``test``), so that one run ``--data csv:DIR/split.csv data.val_fraction=0`` trains on the shots and reports on the rest
-  (a validation part held out of a few shots per class would take whole classes out of training);
+  ``test``), so that one run ``--data csv:DIR/split.csv data.val_fraction=0`` trains on the shots and reports on the
+  rest (a validation part held out of a few shots per class would take whole classes out of training);
 * ``sample.json`` -- what was drawn: the spec, K, the seed, the counts per class, the notes.
 
 Columns: ``Path`` (absolute), ``ClassId`` (the dataset's integer class ids; ``ClassName`` instead where the ids are
