@@ -81,7 +81,7 @@ class ModelConfig(_Section):
 
 
 class AugmentConfig(_Section):
-    preset: str = Field("signs", description="none, cifar, signs, imagenet, objects")
+    preset: str = Field("signs", description="none, cifar, signs, imagenet, objects, signs-wild (signs in other conditions: framing, strong colour and hue jitter, colour cast, grayscale, dark/faded/foggy weather, blur, noise, JPEG; no flips; see data/augment.py)")
     randaugment: bool = False
     trivialaugment: bool = False
     mixup_alpha: float = Field(0.0, ge=0)

@@ -187,3 +187,45 @@ def data_synth(
         fail("--per-class must be at least 1")
     path = generate_synthetic_signs(out, per_class=per_class, seed=seed, workers=workers)
     typer.echo(str(path))
+
+
+@data_app.command("sample")
+def data_sample(
+    spec: Annotated[str, typer.Argument(help="Labelled dataset spec, e.g. csv:FILE, folder:PATH, gtsrb:PATH, synthetic-signs")],
+    per_class: Annotated[int, typer.Option("--per-class", "-k", help="Training images (shots) per class")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write fewshot.csv, rest.csv and sample.json into")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(metavar="[KEY=VALUE]...", help=OVERRIDES_HELP, show_default=False)] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the draw (same seed and data: same draw)")] = 0,
+    split_test: Annotated[bool, typer.Option("--split-test", help="Also write split.csv: both manifests in one, with a Split column (fewshot rows train, rest rows test), for one run that trains on the shots and tests on the rest (with data.val_fraction=0)")] = False,
+    group_pattern: Annotated[Optional[str], typer.Option("--group-pattern", help="Regular expression whose first capture group in a file name is its group (track), for data whose groups are only in the names, e.g. '^(.*)_\\d+\\.\\w+$'")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """Draw K labelled images per class (stratified, seeded; shots from distinct tracks/groups, none of whose images
+    reach the test set) into DIR/fewshot.csv, and every other image into DIR/rest.csv; both are csv: specs."""
+    from resnetlab.data.datasets import open_dataset
+    from resnetlab.data.sampling import sample_few_shot
+
+    if per_class < 1:
+        fail("--per-class must be at least 1")
+    cfg = data_tool_config(spec, None, overrides)
+    source = open_dataset(cfg.data)
+    result = sample_few_shot(source, out, per_class, seed=seed, split_test=split_test, group_pattern=group_pattern,
+                             log=None if as_json else _echo_err)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
+        return
+    short = result.short_classes
+    typer.echo(f"{result.spec}: {len(result.classes)} classes, {per_class} shot(s) per class (seed {seed}): "
+               f"fewshot {result.fewshot_images}, rest {result.rest_images} images"
+               + (f", {result.excluded_images} left out as frames of the drawn {result.group_kind or 'group'}s "
+                  "(excluded.csv)" if result.excluded_images else ""))
+    if short:
+        typer.echo(f"{len(short)} class(es) with fewer than {per_class} shots: "
+                   + ", ".join(f"{c['id']} ({c['fewshot']})" for c in short[:12]) + (" ..." if len(short) > 12 else ""))
+    typer.echo("wrote " + ", ".join(str(p) for p in result.files.values()))
+    if "split" in result.files:
+        typer.echo(f"train on the shots and test on the rest in one run: resnetlab train --data "
+                   f"csv:{result.files['split']} data.val_fraction=0 ...")
+    else:
+        typer.echo(f"train: resnetlab train --data csv:{result.files['fewshot']} ...; "
+                   f"test: resnetlab evaluate RUN --data csv:{result.files['rest']}")
