@@ -104,8 +104,9 @@ def test_saved_files_round_trip(evaluated):
                 "risk_coverage.csv", "reliability.csv"}
     assert expected <= {path.name for path in eval_dir.iterdir()}
     assert not [path for path in eval_dir.iterdir() if path.name.endswith(".tmp")]
-    assert json.loads((eval_dir / "metrics.json").read_text()) == pytest.approx(
-        {key: value for key, value in result.metrics.items()})
+    saved = json.loads((eval_dir / "metrics.json").read_text())
+    assert saved.pop("operating_point") == result.metrics["operating_point"]  # nested: approx compares flat dicts
+    assert saved == pytest.approx({key: value for key, value in result.metrics.items() if key != "operating_point"})
 
     with open(eval_dir / "predictions.csv", newline="") as handle:
         reader = csv.DictReader(handle)
@@ -306,3 +307,61 @@ def test_macro_averages_leave_out_classes_with_neither_test_images_nor_predictio
         assert metrics[key] > score(targets, preds, labels=np.arange(8), average="macro", zero_division=0) + 0.2
     assert metrics["macro_classes"] == 5 and metrics["num_classes"] == 8
     assert metrics["classes_without_support"] == ["c4", "c5", "c6", "c7"]
+
+
+def test_stored_temperature_and_operating_point_are_applied(tmp_path):
+    from scipy.special import logsumexp
+
+    from resnetlab.evaluation.selective import OperatingPoint
+
+    rng = np.random.default_rng(5)
+    logits, targets = _noisy_logits(rng, 300, 6, signal=1.5, scale=3.0)
+    temperature = 2.5
+    point = OperatingPoint("threshold", 0.6, 0.6, None, None)
+    result = evaluate_predictions(logits, targets, [f"c{i}" for i in range(6)], temperature=temperature,
+                                  operating_point=point)
+    result.save(tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    with open(tmp_path / "predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+
+    scaled = _softmax(logits / temperature)
+    confidence = scaled.max(1)
+    correct = scaled.argmax(1) == targets
+    # every probability figure is of softmax(logits / T); the raw ones are kept beside them
+    assert metrics["temperature_applied"] == temperature
+    assert [float(r["confidence"]) for r in rows] == pytest.approx(confidence.tolist())
+    assert [float(r["top1_prob"]) for r in rows] == pytest.approx(confidence.tolist())
+    assert metrics["nll"] == pytest.approx(log_loss(targets, scaled, labels=np.arange(6)))
+    assert metrics["nll_raw"] == pytest.approx(log_loss(targets, _softmax(logits), labels=np.arange(6)))
+    assert metrics["ece"] == pytest.approx(expected_calibration_error(confidence, correct))
+    assert metrics["ece_raw"] == pytest.approx(expected_calibration_error(_softmax(logits).max(1),
+                                                                          _softmax(logits).argmax(1) == targets))
+    assert metrics["top1"] == pytest.approx(accuracy_score(targets, logits.argmax(1)))  # T never changes answers
+    # energy at the applied temperature (Liu et al., 2020)
+    assert [float(r["energy"]) for r in rows] == pytest.approx(
+        (-temperature * logsumexp(logits / temperature, axis=1)).tolist())
+    # the operating point: accepted where the calibrated confidence reaches the threshold
+    accepted = np.array([int(r["accepted"]) for r in rows])
+    assert accepted.tolist() == (confidence >= 0.6).astype(int).tolist()
+    assert 0 < accepted.sum() < len(rows)
+    assert metrics["accepted_fraction"] == pytest.approx(accepted.mean())
+    assert metrics["error_among_accepted"] == pytest.approx(1 - correct[accepted == 1].mean())
+    assert metrics["operating_point"] == point.to_dict()
+    with open(tmp_path / "reliability.csv", newline="") as handle:
+        variants = {row["variant"] for row in csv.DictReader(handle)}
+    assert variants == {"uncalibrated", "temperature_scaled"}
+
+
+def test_without_calibration_every_answer_is_accepted_at_temperature_one(evaluated):
+    logits, targets, _, result, folder = evaluated
+    metrics = result.metrics
+    assert metrics["temperature_applied"] is None and "ece_raw" not in metrics
+    assert metrics["operating_point"]["rule"] == "accept_all" and metrics["accepted_fraction"] == 1.0
+    assert metrics["error_among_accepted"] == pytest.approx(metrics["error_rate"])
+    with open(folder / "predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [float(r["energy"]) for r in rows] == pytest.approx((-np.log(np.exp(logits).sum(1))).tolist())
+    assert {r["accepted"] for r in rows} == {"1"}
+    with pytest.raises(ValueError, match="temperature must be a positive"):
+        evaluate_predictions(logits, targets, [f"class {i}" for i in range(7)], temperature=0.0)

@@ -27,7 +27,7 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 # The public API: each name is an attribute of resnetlab.api, imported when first asked for.
 _API_NAMES = (
     "Classifier", "Comparison", "ConfigError", "DataError", "Evaluation", "Export", "Prediction", "ResnetlabError",
-    "Run", "RunSummary", "TuneResult", "compare", "create_model", "evaluate", "export", "list_models",
+    "Run", "RunSummary", "TuneResult", "calibrate", "compare", "create_model", "evaluate", "export", "list_models",
     "list_recipes", "load", "open_dataset", "run", "runs", "train", "tune",
     "Adaptation", "adapt",
 )
@@ -37,7 +37,7 @@ __all__ = ["__version__", *_API_NAMES]
 if TYPE_CHECKING:  # for type checkers and IDEs only; at run time __getattr__ imports these on demand
     from resnetlab.api import (  # noqa: F401
         Classifier, Comparison, ConfigError, DataError, Evaluation, Export, Prediction, ResnetlabError, Run,
-        RunSummary, TuneResult, compare, create_model, evaluate, export, list_models, list_recipes, load,
+        RunSummary, TuneResult, calibrate, compare, create_model, evaluate, export, list_models, list_recipes, load,
         open_dataset, run, runs, train, tune,
     )
     from resnetlab.api import Adaptation, adapt  # noqa: F401

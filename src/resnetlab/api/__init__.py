@@ -7,6 +7,7 @@ Layer: above ``bench`` and ``tuning``, below ``cli`` (``docs/architecture.md``).
 from resnetlab.api.classifier import Classifier, Prediction, load
 from resnetlab.api.functions import adapt
 from resnetlab.api.functions import (
+    calibrate,
     compare,
     create_model,
     evaluate,
@@ -25,7 +26,7 @@ from resnetlab.reporting.runs_index import RunSummary, runs
 
 __all__ = [
     "Classifier", "Comparison", "ConfigError", "DataError", "Evaluation", "Export", "Prediction", "ResnetlabError",
-    "Run", "RunSummary", "TuneResult", "compare", "create_model", "evaluate", "export", "list_models",
+    "Run", "RunSummary", "TuneResult", "calibrate", "compare", "create_model", "evaluate", "export", "list_models",
     "list_recipes", "load", "open_dataset", "run", "runs", "train", "tune",
     "Adaptation", "adapt",
 ]

@@ -119,8 +119,8 @@ SPLITS = ("test", "val", "all")
 
 
 def evaluate(source: str | Path | Run, data: str | None = None, *, split: str = "test", out: str | Path | None = None,
-             overwrite: bool = False, tta: bool = False, overrides: Overrides = None,
-             **data_options: Any) -> Evaluation:
+             overwrite: bool = False, tta: bool = False, raw: bool = False, coverage: float | None = None,
+             max_error: float | None = None, overrides: Overrides = None, **data_options: Any) -> Evaluation:
     """Evaluate a trained model (or one of its exports) on a dataset: metrics, per-class table, report.
 
     Args:
@@ -130,6 +130,10 @@ def evaluate(source: str | Path | Run, data: str | None = None, *, split: str = 
         out: Output folder, new or empty (default ``<run>/evaluations/<data>-<split>-<time>``).
         overwrite: Write over the files of a non-empty ``out``.
         tta: Test-time augmentation.
+        raw: Evaluate the uncalibrated confidences (no temperature; every answer accepted). By default the
+            checkpoint's stored temperature and operating point apply, as in ``predict`` and ``serve``.
+        coverage: Choose the operating point on the stored validation curve to keep this fraction of images.
+        max_error: Choose it for at most this error among the accepted validation images.
         overrides: ``data.*`` settings for reading the data, as a dict or ``KEY=VALUE`` list (the preprocessing
             is the checkpoint's).
         **data_options: ``batch_size``, ``device`` (auto, cpu, cuda), ``export_dir`` (evaluate this export of the
@@ -155,9 +159,47 @@ def evaluate(source: str | Path | Run, data: str | None = None, *, split: str = 
     evaluate_job(checkpoint, data, split, out_dir, tta=tta, device=named.get("device") or "auto",
                  batch_size=named.get("batch_size"), overrides=texts,
                  export_dir=Path(export_dir) if export_dir is not None else None, overwrite=overwrite,
-                 log=logger.info)
+                 raw=raw, coverage=coverage, max_error=max_error, log=logger.info)
     render_report(out_dir)
     return Evaluation(out_dir)
+
+
+CALIBRATE_OPTIONS = ("batch_size", "device")
+
+
+def calibrate(source: str | Path | Run, data: str | None = None, *, split: str = "val", coverage: float | None = None,
+              max_error: float | None = None, overrides: Overrides = None, **data_options: Any) -> dict[str, Any]:
+    """Fit a model's temperature and operating point again on a labelled split and store them in its checkpoint.
+
+    For checkpoints trained before calibration was stored, runs without a validation split, and models changed
+    after training (adapted, fine-tuned). ``evaluate``, ``predict`` and ``serve`` then apply the new calibration.
+
+    Args:
+        source: A run directory, a checkpoint or a :class:`~resnetlab.api.results.Run`.
+        data: A labelled dataset whose classes are among the model's (default: the one it was trained on).
+        split: ``val`` (the run's own held-out split, rebuilt as training made it), ``test`` or ``all``.
+        coverage: Operating point that keeps this fraction of the images.
+        max_error: Operating point with at most this error among the accepted images. Without either, the rule
+            of the stored operating point, else the run's ``eval.max_error``/``eval.coverage``.
+        overrides: ``data.*`` settings for reading the data, as a dict or ``KEY=VALUE`` list.
+        **data_options: ``batch_size``, ``device`` (auto, cpu, cuda) and ``data__key=value`` settings.
+
+    Returns:
+        The calibration record now in the checkpoint's ``meta["calibration"]``: ``temperature``, ``fitted_on``,
+        ``num_images``, ``ece_before``/``ece_after``, ``risk_coverage`` and ``operating_point``.
+
+    Example:
+        >>> record = rl.calibrate("runs/signs", max_error=0.01)  # doctest: +SKIP
+        >>> record["temperature"], record["operating_point"]  # doctest: +SKIP
+    """
+    from resnetlab.jobs.calibrate import calibrate_job
+
+    checkpoint = Path(source.dir if isinstance(source, Run) else source)
+    named = {name: data_options.pop(name) for name in list(data_options) if name in CALIBRATE_OPTIONS}
+    texts = keyword_overrides(data_options, known=CALIBRATE_OPTIONS, where="calibrate") + override_texts(overrides)
+    return calibrate_job(checkpoint, data, split, coverage=coverage, max_error=max_error,
+                         device=named.get("device") or "auto", batch_size=named.get("batch_size"), overrides=texts,
+                         log=logger.info)
 
 
 def compare(dirs: Sequence[str | Path | Run | Evaluation], out: str | Path | None = None, *,

@@ -41,6 +41,8 @@ try:  # typer >= 0.20 carries its own copy of click, whose exceptions are not cl
 except ImportError:  # older typer uses click itself
     _typer_click = click.exceptions
 
+CALIBRATION = "Calibration"  # help panel of evaluate's and calibrate's temperature and operating-point options
+
 _EXITS = (click.exceptions.Exit, typer.Exit)
 _ABORTS = (click.exceptions.Abort, typer.Abort)
 _USAGE_ERRORS = (click.ClickException, _typer_click.ClickException)
@@ -112,17 +114,49 @@ def evaluate(
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda", rich_help_panel=MODEL)] = "auto",
     overrides: Annotated[Optional[list[str]], typer.Argument(metavar="[data.KEY=VALUE]...", help="Settings for reading the data, e.g. data.on_bad_image=skip data.classes=[2,3] (the preprocessing is the checkpoint's)", show_default=False)] = None,
     export_dir: Annotated[Optional[Path], typer.Option("--export", help="Evaluate this export of the checkpoint (int8, bf16, ...) through the runtime that serves it", rich_help_panel=MODEL)] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Uncalibrated confidences: no stored temperature, every answer accepted", rich_help_panel=CALIBRATION)] = False,
+    coverage: Annotated[Optional[float], typer.Option("--coverage", help="Operating point keeping this fraction of validation images (from the stored validation curve)", rich_help_panel=CALIBRATION)] = None,
+    max_error: Annotated[Optional[float], typer.Option("--max-error", help="Operating point with at most this error among accepted validation images", rich_help_panel=CALIBRATION)] = None,
 ) -> None:
     """Evaluate a checkpoint, or one of its exports: metrics.json, per-class, confusion, predictions, calibration,
-    and a report."""
+    and a report. The stored temperature and operating point apply unless --raw."""
     from resnetlab.api.functions import evaluate as evaluate_model
 
-    evaluation = evaluate_model(checkpoint, data, split=split, out=out, overwrite=overwrite, tta=tta,
-                                overrides=list(overrides or []), batch_size=batch_size, device=device,
-                                export_dir=export_dir)
+    evaluation = evaluate_model(checkpoint, data, split=split, out=out, overwrite=overwrite, tta=tta, raw=raw,
+                                coverage=coverage, max_error=max_error, overrides=list(overrides or []),
+                                batch_size=batch_size, device=device, export_dir=export_dir)
     metrics = evaluation.metrics
+    accepted = ""
+    if metrics.get("accepted_fraction") is not None and metrics["accepted_fraction"] < 1:
+        error = metrics.get("error_among_accepted")
+        accepted = (f"  accepted {metrics['accepted_fraction']:.4f} (error among them "
+                    f"{'n/a' if error is None else f'{error:.4f}'})")
     typer.echo(f"top1 {metrics['top1']:.4f}  top5 {metrics['top5']:.4f}  balanced_accuracy "
-               f"{metrics['balanced_accuracy']:.4f}  samples {metrics['num_samples']}  -> {evaluation.dir}")
+               f"{metrics['balanced_accuracy']:.4f}{accepted}  samples {metrics['num_samples']}  -> {evaluation.dir}")
+
+
+@app.command()
+def calibrate(
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT_OR_RUN", help="A checkpoint (.pt) or a run directory")],
+    data: Annotated[Optional[str], typer.Option("--data", "-d", help="A labelled dataset whose classes are among the model's (default: the one it was trained on)", rich_help_panel=DATA)] = None,
+    split: Annotated[str, typer.Option("--split", help="val (the run's own held-out split, rebuilt), test or all", rich_help_panel=DATA)] = "val",
+    coverage: Annotated[Optional[float], typer.Option("--coverage", help="Operating point keeping this fraction of the images", rich_help_panel=CALIBRATION)] = None,
+    max_error: Annotated[Optional[float], typer.Option("--max-error", help="Operating point with at most this error among the accepted images", rich_help_panel=CALIBRATION)] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", rich_help_panel=DATA)] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda", rich_help_panel=MODEL)] = "auto",
+    overrides: Annotated[Optional[list[str]], typer.Argument(metavar="[data.KEY=VALUE]...", help="Settings for reading the data, e.g. data.on_bad_image=skip", show_default=False)] = None,
+) -> None:
+    """Fit the temperature and operating point again on a labelled split and store them in the checkpoint
+    (checkpoints from before calibration was stored, after adapt or fine-tuning, or for another rule)."""
+    from resnetlab.api.functions import calibrate as calibrate_model
+
+    record = calibrate_model(checkpoint, data, split=split, coverage=coverage, max_error=max_error,
+                             overrides=list(overrides or []), batch_size=batch_size, device=device)
+    point = record["operating_point"]
+    typer.echo(f"temperature {record['temperature']:.4f}  ECE {record['ece_before']:.4f} -> {record['ece_after']:.4f}  "
+               f"threshold {point['threshold']:.4f} ({point['rule']} {point['target']:g}: coverage "
+               f"{point['coverage']:.4f}, error {point['error']:.4f})  on {record['num_images']} images "
+               f"({record['fitted_on']})")
 
 
 @app.command()

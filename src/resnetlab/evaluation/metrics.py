@@ -5,6 +5,10 @@
 ``confusion.csv``, ``predictions.csv``, ``most_confused.csv``, ``risk_coverage.csv`` and ``reliability.csv``.
 
 Counting metrics come from scikit-learn; the ECE binning and the selective-prediction figures are computed here.
+A model's stored calibration (``meta["calibration"]``) enters as ``temperature`` (every probability, confidence and
+probability metric is of ``softmax(logits / T)``, what ``predict`` and ``serve`` answer with) and
+``operating_point`` (which answers would be withheld as "unknown": the ``accepted`` column and
+``accepted_fraction``/``error_among_accepted``).
 A test set from another source whose classes are a subset of the model's is evaluated with ``labels_present``:
 per-class and macro/balanced figures then cover those classes only, while a prediction of any model class still
 counts (predicting a class the set does not contain is simply wrong).
@@ -36,7 +40,7 @@ from resnetlab.evaluation.calibration import (
     reliability_bins,
     temperature_scaling,
 )
-from resnetlab.evaluation.selective import risk_coverage_curve
+from resnetlab.evaluation.selective import ACCEPT_ALL, OperatingPoint, energy_score, risk_coverage_curve
 from resnetlab.utils.io import write_csv, write_csv_rows, write_json
 
 #: Fractions of least-confident predictions rejected for the ``error_at_reject_*`` metrics.
@@ -94,8 +98,11 @@ class EvaluationResult:
     prediction_fields: list[str]
     most_confused: list[dict[str, Any]]
     risk_coverage: dict[str, np.ndarray]
+    #: Reliability of the confidences as written (calibrated when a temperature was applied).
     reliability: ReliabilityBins
     temperature: TemperatureScaling | None = None
+    #: Reliability of the raw confidences (T = 1), kept only when a temperature was applied.
+    raw_reliability: ReliabilityBins | None = None
     files: dict[str, Path] = field(default_factory=dict)
 
     def save(self, out_dir: str | Path) -> dict[str, Path]:
@@ -118,8 +125,13 @@ class EvaluationResult:
             ["coverage", "risk", "confidence"],
             zip(*(self.risk_coverage[key].tolist() for key in ("coverage", "risk", "confidence"))),
         )
-        reliability_rows = [dict(variant="uncalibrated", **row) for row in self.reliability.rows()]
-        if self.temperature is not None:
+        if self.raw_reliability is not None:
+            # The confidences are calibrated with the model's own temperature: before = raw, after = as written.
+            reliability_rows = [dict(variant="uncalibrated", **row) for row in self.raw_reliability.rows()]
+            reliability_rows += [dict(variant="temperature_scaled", **row) for row in self.reliability.rows()]
+        else:
+            reliability_rows = [dict(variant="uncalibrated", **row) for row in self.reliability.rows()]
+        if self.raw_reliability is None and self.temperature is not None:
             reliability_rows += [dict(variant="temperature_scaled", **row)
                                  for row in self.temperature.bins_after.rows()]
         files["reliability"] = write_csv(
@@ -164,6 +176,8 @@ def evaluate_predictions(
     topk: int = 5,
     labels_present: Sequence[int] | None = None,
     n_bins: int = DEFAULT_NUM_BINS,
+    temperature: float | None = None,
+    operating_point: OperatingPoint | None = None,
 ) -> EvaluationResult:
     """Compute every evaluation metric from ``logits [N, C]`` and ``targets [N]`` (indices into ``class_names``).
 
@@ -176,6 +190,11 @@ def evaluate_predictions(
             checkpoint's class list). Per-class rows, the confusion rows, macro/weighted and balanced figures then
             cover these classes only. ``None`` evaluates all model classes.
         n_bins: equal-width confidence bins for ECE and the reliability diagram.
+        temperature: the model's stored temperature ``T``; logits are divided by it before every probability,
+            confidence and probability metric (``metrics["ece_raw"]``/``["nll_raw"]`` keep the raw figures).
+            ``None`` (a model without calibration, or ``--raw``) leaves the logits as they are.
+        operating_point: the confidence threshold below which an answer counts as "unknown" (the ``accepted``
+            column, ``accepted_fraction``, ``error_among_accepted``); ``None`` accepts every answer.
     """
     logits = _to_numpy(logits, np.float64)
     targets = _to_numpy(targets, np.int64).reshape(-1)
@@ -183,15 +202,21 @@ def evaluate_predictions(
     if labels_present is not None:
         labels_present = sorted({int(label) for label in labels_present})
     _validate(logits, targets, class_names, paths, labels_present)
+    if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    operating_point = operating_point or ACCEPT_ALL
     num_samples, num_model_classes = logits.shape
     all_labels = np.arange(num_model_classes)
     evaluated = np.asarray(labels_present if labels_present is not None else all_labels)
 
-    probs, log_probs = _softmax_and_log_softmax(logits)
+    applied = 1.0 if temperature is None else float(temperature)
+    probs, log_probs = _softmax_and_log_softmax(logits, applied)
     preds = probs.argmax(axis=1)
     confidences = probs.max(axis=1)
     correct = preds == targets
     sample_losses = -log_probs[np.arange(num_samples), targets]
+    energies = energy_score(logits, applied)
+    accepted = confidences >= operating_point.threshold
 
     k = min(topk, num_model_classes)
     if k == 1:
@@ -259,6 +284,18 @@ def evaluate_predictions(
         # Left out of the macro averages unless the model predicted them (then their precision is 0).
         metrics["classes_without_support"] = [class_names[label] for label in evaluated[support == 0]]
 
+    # The calibration the confidences carry, and what the operating point makes of them on this set.
+    metrics["temperature_applied"] = None if temperature is None else applied
+    raw_bins = None
+    if temperature is not None:
+        raw_probs, raw_log_probs = _softmax_and_log_softmax(logits)
+        raw_bins = reliability_bins(raw_probs.max(axis=1), raw_probs.argmax(axis=1) == targets, n_bins)
+        metrics["ece_raw"] = raw_bins.ece
+        metrics["nll_raw"] = float(-raw_log_probs[np.arange(num_samples), targets].mean())
+    metrics["operating_point"] = operating_point.to_dict()
+    metrics["accepted_fraction"] = float(accepted.mean())
+    metrics["error_among_accepted"] = float(1.0 - correct[accepted].mean()) if accepted.any() else float("nan")
+
     scaling = None
     calibrated_confidences = None
     if val_logits is not None and val_targets is not None:
@@ -304,6 +341,7 @@ def evaluate_predictions(
     shown_k = min(topk, num_model_classes)
     prediction_fields = [*PREDICTION_LEADING_FIELDS, "true_index", "pred_index", "correct", "loss"]
     prediction_fields += [f"top{rank}_{kind}" for rank in range(1, shown_k + 1) for kind in ("class", "prob")]
+    prediction_fields += ["energy", "accepted"]
     if calibrated_confidences is not None:
         prediction_fields.append("calibrated_confidence")
     top_indices = np.argsort(-probs, axis=1, kind="stable")[:, :shown_k]
@@ -322,6 +360,8 @@ def evaluate_predictions(
         for rank, label in enumerate(top_indices[i], start=1):
             row[f"top{rank}_class"] = class_names[label]
             row[f"top{rank}_prob"] = float(probs[i, label])
+        row["energy"] = float(energies[i])
+        row["accepted"] = int(accepted[i])
         if calibrated_confidences is not None:
             row["calibrated_confidence"] = float(calibrated_confidences[i])
         predictions.append(row)
@@ -338,4 +378,5 @@ def evaluate_predictions(
         risk_coverage=risk_coverage,
         reliability=bins,
         temperature=scaling,
+        raw_reliability=raw_bins,
     )

@@ -28,7 +28,8 @@ from resnetlab.engine.distributed import DistributedContext, init_distributed, w
 from resnetlab.engine.runtime import Runtime, resolve_runtime, seed_everything
 from resnetlab.engine.trainer import Trainer
 from resnetlab.errors import ConfigError
-from resnetlab.jobs.evaluate import deployment_check, evaluate_model_on_batches
+from resnetlab.evaluation.selective import operating_point_from_record
+from resnetlab.jobs.evaluate import collect_logits, deployment_check, evaluate_model_on_batches
 from resnetlab.reporting.runs_index import RUN_MARKERS, is_run_dir
 from resnetlab.utils.io import read_json, write_csv_rows, write_json, write_text
 from resnetlab.utils.runlog import RunLog
@@ -321,12 +322,18 @@ def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, inp
         return out
 
     # Evaluate the best checkpoint (the weights early stopping restores) on the test split.
-    best = load_checkpoint(out / "checkpoints" / "best.pt")
+    best_file = out / "checkpoints" / "best.pt"
+    best = load_checkpoint(best_file)
     model.load_state_dict(best["model"])
+    collected = collect_logits(model, eval_runtime, data.test, data.val if len(data.plan.val) else None)
+    calibration = _store_calibration(cfg, best_file, collected, log)
+    if calibration is not None:
+        best["meta"] = {**best["meta"], "calibration": calibration}
     eval_result = evaluate_model_on_batches(
         model, eval_runtime, data.test, data.plan.test, class_names=data.source.class_names, prep=data.prep,
-        out_dir=out / "eval", val_batches=data.val if len(data.plan.val) else None, topk=cfg.eval.topk, gradcam=cfg.eval.gradcam,
-        split_name="test", log=log)
+        out_dir=out / "eval", topk=cfg.eval.topk, gradcam=cfg.eval.gradcam, split_name="test", collected=collected,
+        temperature=calibration["temperature"] if calibration else None,
+        operating_point=operating_point_from_record(calibration), log=log)
     _write_run_info(out, cfg, runtime, data, model, outcome, started, best["meta"].get("weights", "raw"), dist, origin)
     log(f"test top-1 {eval_result.metrics['top1']:.4f}, top-5 {eval_result.metrics['top5']:.4f}, balanced accuracy "
         f"{eval_result.metrics['balanced_accuracy']:.4f} on {eval_result.metrics['num_samples']} images")
@@ -342,6 +349,28 @@ def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, inp
         log(f"report: {md} and {html}")
     dist.close()
     return out
+
+
+def _store_calibration(cfg: RunConfig, best_file: Path, collected, log: RunLog) -> dict | None:
+    """Fit the temperature and operating point on the validation logits of the best weights and store them in
+    ``best_file`` (as ``meta["calibration"]``), before anything (the deployment check's export cache) keys on the
+    checkpoint's sha256. None for a run without a validation split."""
+    from resnetlab.checkpoint import store_calibration
+    from resnetlab.evaluation.selective import fit_calibration
+
+    if collected.val_logits is None:
+        log("calibration: no validation split, so no temperature or operating point stored (confidences stay "
+            "uncalibrated, every answer accepted); fit them later with `resnetlab calibrate RUN --data SPEC`")
+        return None
+    record = fit_calibration(collected.val_logits, collected.val_targets, coverage=cfg.eval.coverage,
+                             max_error=cfg.eval.max_error)
+    store_calibration(best_file, record)
+    point = record["operating_point"]
+    log(f"calibration on {record['num_images']} validation images: temperature {record['temperature']:.4g} "
+        f"(ECE {record['ece_before']:.4f} -> {record['ece_after']:.4f}); operating point ({point['rule']} "
+        f"{point['target']:g}): threshold {point['threshold']:.4f}, coverage {point['coverage']:.2%}, error among "
+        f"accepted {point['error']:.2%}")
+    return record
 
 
 def per_rank_config(cfg: RunConfig, world_size: int) -> RunConfig:

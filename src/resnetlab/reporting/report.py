@@ -77,6 +77,23 @@ CALIBRATION_ROWS: tuple[tuple[str, str, str], ...] = (
     ("Validation NLL after temperature scaling", "val_nll_after_temperature", "float"),
 )
 
+# The rows when the evaluation applied the model's stored temperature: the confidences (and "ece", "nll") are then
+# the calibrated ones, and "ece_raw"/"nll_raw" are the figures before.
+DEPLOYED_CALIBRATION_ROWS: tuple[tuple[str, str, str], ...] = (
+    ("Mean confidence", "mean_confidence", "float"),
+    ("Mean confidence, correct predictions", "mean_confidence_correct", "float"),
+    ("Mean confidence, incorrect predictions", "mean_confidence_incorrect", "float"),
+    ("Confidence gap (correct minus incorrect)", "confidence_gap", "float"),
+    ("Area under the risk-coverage curve (AURC)", "aurc", "float"),
+    ("Temperature the model deploys with (stored in the checkpoint)", "temperature_applied", "float"),
+    ("ECE of the raw confidences (T = 1)", "ece_raw", "float"),
+    ("ECE at the deployed temperature", "ece", "float"),
+    ("Test NLL of the raw logits", "nll_raw", "float"),
+    ("Test NLL at the deployed temperature", "nll", "float"),
+    ("Validation NLL before temperature scaling", "val_nll_before_temperature", "float"),
+    ("Validation NLL after temperature scaling", "val_nll_after_temperature", "float"),
+)
+
 
 # ---------------------------------------------------------------------------------------------------- formatting
 def _is_number(value: Any) -> bool:
@@ -225,7 +242,12 @@ def derive_findings(run: RunFiles, f1_threshold: float = F1_FINDING_THRESHOLD) -
         verdict = (f"Poorly calibrated{direction}: ECE {ece:.4f} is above {ECE_FINDING_THRESHOLD:g}."
                    if ece > ECE_FINDING_THRESHOLD else f"Well calibrated: ECE {ece:.4f} is at most "
                                                        f"{ECE_FINDING_THRESHOLD:g}.")
-        if metrics.get("temperature") is not None and metrics.get("ece_after_temperature") is not None:
+        if metrics.get("temperature_applied") is not None:
+            raw_ece = metrics.get("ece_raw")
+            verdict += (f" That is at the temperature the model deploys with (T = "
+                        f"{metrics['temperature_applied']:.3f}"
+                        + (f"; the raw confidences have ECE {raw_ece:.4f})." if raw_ece is not None else ")."))
+        elif metrics.get("temperature") is not None and metrics.get("ece_after_temperature") is not None:
             verdict += (f" Temperature scaling (T = {metrics['temperature']:.3f}, fitted on validation) changes it to "
                         f"{metrics['ece_after_temperature']:.4f}.")
         findings.append(verdict)
@@ -452,10 +474,22 @@ def _calibration(doc: Document, run: RunFiles, plots_dir: Path) -> None:
     if not metrics:
         return
     doc.heading("Confidence and calibration")
-    doc.paragraph("Confidence is the top-1 softmax probability. ECE uses 15 equal-width confidence bins; the "
-                  "temperature is fitted on the validation split by minimising its NLL and applied to the test "
-                  "logits.")
-    _metric_table(doc, metrics, CALIBRATION_ROWS)
+    deployed = metrics.get("temperature_applied")
+    if deployed is not None:
+        doc.paragraph(f"Confidence is the top-1 probability of softmax(logits / T) with T = {deployed:.4f}, the "
+                      "temperature stored in the checkpoint (fitted by minimising the NLL of the validation split at "
+                      "the end of training, or of the split `resnetlab calibrate` was given) that `predict` and "
+                      "`serve` apply too; every confidence, probability and probability metric "
+                      "here is at that temperature, and the raw figures (T = 1) are given beside them. ECE uses 15 "
+                      "equal-width confidence bins.")
+        _metric_table(doc, metrics, DEPLOYED_CALIBRATION_ROWS)
+    else:
+        uncalibrated = (" These confidences are uncalibrated: the model deploys without a stored temperature (or "
+                        "the evaluation ran with `--raw`)." if "temperature_applied" in metrics else "")
+        doc.paragraph("Confidence is the top-1 softmax probability. ECE uses 15 equal-width confidence bins; the "
+                      "temperature is fitted on the validation split by minimising its NLL and applied to the test "
+                      "logits." + uncalibrated)
+        _metric_table(doc, metrics, CALIBRATION_ROWS)
     if run.reliability:
         labels = {"uncalibrated": "uncalibrated", "temperature_scaled": "temperature-scaled"}
         curves = {labels.get(variant, variant): bins for variant, bins in run.reliability.items()}
@@ -467,6 +501,43 @@ def _calibration(doc: Document, run: RunFiles, plots_dir: Path) -> None:
                                        plots_dir / "risk_coverage.png", reject_fractions=REJECT_FRACTIONS),
                    "Risk-coverage curve: error rate among the accepted predictions when the least confident are "
                    "rejected.", "risk-coverage")
+    _operating_point(doc, metrics)
+
+
+def operating_point_text(metrics: Mapping[str, Any]) -> str | None:
+    """The "Operating point" paragraph: the rule, its threshold, and what it did on the evaluated split."""
+    point = metrics.get("operating_point")
+    fraction = metrics.get("accepted_fraction")
+    if not isinstance(point, Mapping) or fraction is None:
+        return None
+    split = metrics.get("split", "test")
+    error = metrics.get("error_among_accepted")
+    error_text = "no answer was accepted" if error is None else f"the error among them is {100 * error:.2f}%"
+    if point.get("rule") == "accept_all":
+        return (f"No operating point: every answer is accepted, none is reported as \"unknown\" (the model stores "
+                f"no calibration, or the evaluation ran with `--raw`); on the {split} split {error_text}. Fit one with "
+                "`resnetlab calibrate`.")
+    if point.get("rule") == "coverage":
+        rule = f"keep at least {100 * point['target']:.2f}% of the in-domain validation images"
+    elif point.get("rule") == "max_error":
+        rule = f"at most {100 * point['target']:.2f}% error among the accepted validation images"
+    else:
+        rule = "a threshold given directly"
+    on_val = ""
+    if point.get("coverage") is not None and point.get("error") is not None:
+        on_val = (f" (on validation it keeps {100 * point['coverage']:.2f}% with {100 * point['error']:.2f}% "
+                  "error)")
+    return (f"Answers whose confidence is below {point['threshold']:.4f} are reported as \"unknown\" (the best "
+            f"guess is still given). The threshold was chosen for the rule \"{rule}\"{on_val}. On the {split} split "
+            f"it accepts {100 * fraction:.2f}% of the images and {error_text}; "
+            f"{100 * (1 - fraction):.2f}% become \"unknown\".")
+
+
+def _operating_point(doc: Document, metrics: Mapping[str, Any]) -> None:
+    text = operating_point_text(metrics)
+    if text is not None:
+        doc.heading("Operating point", 3)
+        doc.paragraph(text)
 
 
 def _gallery_items(rows) -> list[plots.GalleryItem]:
