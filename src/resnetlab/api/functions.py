@@ -98,7 +98,7 @@ def train(data: str | None = None, *, recipe: str | Path | None = None, out: str
     Example:
         >>> run = rl.train(epochs=1, data__input_size=32)  # doctest: +SKIP
         >>> run.metrics["top1"], run.report_path  # doctest: +SKIP
-        >>> tuned = rl.train("csv:new_photos/labels.csv", recipe="finetune-new-domain", init_from=run.dir)  # doctest: +SKIP
+        >>> new = rl.train("csv:photos/labels.csv", recipe="finetune-new-domain", init_from=run.dir)  # doctest: +SKIP
     """
     from resnetlab.jobs.train import default_run_dir, train_job
 

@@ -70,7 +70,8 @@ def auto_workers() -> int:
 
 def build_run_data(cfg: RunConfig, *, rank: int = 0, world_size: int = 1, pin_memory: bool = False,
                    log: Callable[[str], None] = _logger.info, source: DatasetSource | None = None,
-                   plan: SplitPlan | None = None, normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+                   plan: SplitPlan | None = None,
+                   normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
                    absent_classes_ok: bool = False) -> RunData:
     """``source`` and ``plan`` may be given ready-made (k-fold tuning passes each fold's plan); by default they are
     read and split from ``cfg.data``. Normalization statistics come from ``plan.train`` alone, unless

@@ -30,7 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from resnetlab.checkpoint import load_checkpoint, model_from_checkpoint, preprocessing_from_meta, resolve_checkpoint_file
+from resnetlab.checkpoint import (
+    load_checkpoint,
+    model_from_checkpoint,
+    preprocessing_from_meta,
+    resolve_checkpoint_file,
+)
 from resnetlab.config import RunConfig
 from resnetlab.data.build import eval_batches_for_table
 from resnetlab.data.datasets import map_classes_to_model, open_dataset_for_model
@@ -105,6 +110,8 @@ def resolve_init_from(cfg: RunConfig, log: Callable[[str], None] = _logger.info)
             raise ConfigError(f"train.freeze={cfg.train.freeze} (recipe {cfg.recipe}) trains only part of the model, "
                               "so it must start from trained weights: pass --init-from RUN_OR_CHECKPOINT (the run "
                               "directory or checkpoint to fine-tune), or set train.freeze=none")
+        if cfg.eval.original_data:
+            log(f"warning: eval.original_data={cfg.eval.original_data} is used only when fine-tuning (--init-from)")
         return cfg, None
     try:
         path = resolve_checkpoint_file(cfg.model.init_from)
@@ -118,7 +125,7 @@ def resolve_init_from(cfg: RunConfig, log: Callable[[str], None] = _logger.info)
     log(f"--init-from {path} (sha256 {sha256[:12]}...): {meta['model']['name']} with "
         f"{len(meta['classes']['names'])} classes, trained on {meta['data'].get('spec')}")
     cfg = _adopt_model(cfg, meta, path, log)
-    cfg = _adopt_preprocessing(cfg, meta, path, log)
+    cfg = _adopt_preprocessing(cfg, meta, log)
     init = InitFrom(checkpoint=path.resolve(), sha256=sha256, meta=meta, weights=state["model"])
     _open_original_test(init, cfg.eval.original_data, log)
     return cfg, init
@@ -150,7 +157,7 @@ def _adopt_model(cfg: RunConfig, meta: dict[str, Any], path: Path, log: Callable
     return cfg.model_copy(update={"model": model})
 
 
-def _adopt_preprocessing(cfg: RunConfig, meta: dict[str, Any], path: Path, log: Callable[[str], None]) -> RunConfig:
+def _adopt_preprocessing(cfg: RunConfig, meta: dict[str, Any], log: Callable[[str], None]) -> RunConfig:
     prep = meta["preprocessing"]
     wanted: dict[str, Any] = {key: prep[key] for key in PREPROCESSING_FIELDS}
     # data.normalize as the original run had it, for the record; the numbers themselves are the checkpoint's
@@ -161,10 +168,10 @@ def _adopt_preprocessing(cfg: RunConfig, meta: dict[str, Any], path: Path, log: 
     if differing:
         log(f"warning: fine-tuning keeps the checkpoint's preprocessing, so these settings are not used: "
             f"{', '.join(differing)}")
-    log(f"preprocessing from the checkpoint: {prep['input_size']} px, resize {prep['resize']}"
-        f"{' (crop ' + str(prep['crop_pct']) + ')' if prep['resize'] == 'shorter_crop' else ''}, {prep['interpolation']}, "
-        f"ROI crop {'on' if prep['roi_crop'] else 'off'}, contrast {prep['contrast']}, mean {list(prep['mean'])}, "
-        f"std {list(prep['std'])}")
+    crop = f" (crop {prep['crop_pct']})" if prep["resize"] == "shorter_crop" else ""
+    log(f"preprocessing from the checkpoint: {prep['input_size']} px, resize {prep['resize']}{crop}, "
+        f"{prep['interpolation']}, ROI crop {'on' if prep['roi_crop'] else 'off'}, contrast {prep['contrast']}, "
+        f"mean {list(prep['mean'])}, std {list(prep['std'])}")
     return cfg.model_copy(update={"data": cfg.data.model_copy(update=wanted)})
 
 
