@@ -240,3 +240,31 @@ def test_the_api_takes_the_finetuning_options(tmp_path):
     cfg = train_config(init_from=tmp_path / "run", freeze="backbone", original_data="none", optim__lr=0.01)
     assert cfg.model.init_from == str(tmp_path / "run") and cfg.train.freeze == "backbone"
     assert cfg.eval.original_data == "none" and cfg.optim.lr == 0.01
+
+
+def test_forgetting_is_measured_on_the_test_split_the_original_run_held_out(tiny_signs, new_domain, tmp_path):
+    """An original dataset without a test split of its own (a CSV of every image): the original run held out its
+    test images; the fine-tuning run rebuilds that very split from the checkpoint's split settings."""
+    listing = tmp_path / "all.csv"
+    with open(tiny_signs / "Train.csv", newline="") as handle, open(listing, "w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["Path", "ClassId"])
+        writer.writerows([tiny_signs / row["Path"], row["ClassId"]] for row in csv.DictReader(handle))
+    original = tmp_path / "original"
+    assert main(["train", "--data", f"csv:{listing}", "--model", "resnet20", "--epochs", "1", "--batch-size", "32",
+                 "--out", str(original), "data.input_size=32", *FAST]) == 0
+    out = tmp_path / "run"
+    assert finetune(original, new_domain, out, "--freeze", "backbone") == 0
+    record = json.loads((out / "eval" / "finetune.json").read_text())["original"]
+    held_out = json.loads((original / "eval" / "metrics.json").read_text())
+    assert record["data"] == f"csv:{listing}" and record["split"] == "the test split the original run held out"
+    assert record["before"]["num_images"] == held_out["num_samples"] < 264
+    assert record["before"]["top1"] == pytest.approx(held_out["top1"])
+    # Once the original dataset is gone, the run says so and goes on; a dataset the user names must be readable.
+    listing.unlink()
+    assert finetune(original, new_domain, tmp_path / "again", "--freeze", "backbone") == 0
+    record = json.loads((tmp_path / "again" / "eval" / "finetune.json").read_text())
+    assert record["original"] is None and "cannot be read here" in record["original_skipped"]
+    assert "Not evaluated on the original dataset" in (tmp_path / "again" / "report.md").read_text()
+    assert finetune(original, new_domain, tmp_path / "named", "--original-data", f"csv:{listing}") == 2
+    assert not (tmp_path / "named").exists()
