@@ -85,7 +85,7 @@ def train(
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this directory from its last checkpoint", rich_help_panel=RUN)] = None,
     quiet: QuietOption = False,
     init_from: Annotated[Optional[str], typer.Option("--init-from", metavar="RUN_OR_CHECKPOINT", help="Fine-tune this trained model: its weights, classes, preprocessing and architecture (model.init_from)", rich_help_panel=MODEL)] = None,
-    freeze: Annotated[Optional[str], typer.Option("--freeze", help="none, backbone (train the classifier only) or all_but_bn_and_head (BatchNorm and classifier) (train.freeze)", rich_help_panel=TRAINING)] = None,
+    freeze: Annotated[Optional[str], typer.Option("--freeze", metavar="MODE", help="none, backbone (train the classifier only) or all_but_bn_and_head (BatchNorm and classifier) (train.freeze)", rich_help_panel=TRAINING)] = None,
     original_data: Annotated[Optional[str], typer.Option("--original-data", metavar="SPEC", help="With --init-from: the dataset whose test split measures what fine-tuning forgot (default: the original model's, if readable; none: skip) (eval.original_data)", rich_help_panel=DATA)] = None,
 ) -> None:
     """Train a model, evaluate it on the test split and write the report (defaults: the offline demo). With

@@ -238,6 +238,12 @@ class Trainer:
                      f"{self.cfg.train.epochs}")
         for warning in self.load_state_dict(state):
             self.log(f"warning: {warning}")
+        started_from, now = state["meta"].get("init_from"), self.meta_extra.get("init_from")
+        if started_from and now and started_from.get("sha256") != now.get("sha256"):
+            self.log(f"warning: this run was fine-tuned from {started_from.get('checkpoint')} (sha256 "
+                     f"{str(started_from.get('sha256'))[:12]}...), but model.init_from now reads a different file "
+                     f"(sha256 {str(now.get('sha256'))[:12]}...); the weights resume from last.pt, and its checkpoints "
+                     "will record the file read now")
         if self.is_main:
             self.metrics_file.truncate(self.epoch)
         self.log(f"resumed from {path} after epoch {self.epoch} (step {self.step}, "
