@@ -234,12 +234,18 @@ def test_balanced_class_weights_leave_out_classes_without_images():
     assert weights.tolist() == pytest.approx([8 / (2 * 6), 0.0, 8 / (2 * 2), 0.0])
 
 
-def test_the_api_takes_the_finetuning_options(tmp_path):
-    from resnetlab.api.functions import train_config
+def test_the_cli_and_the_api_take_the_finetuning_options_alike(tmp_path, monkeypatch):
+    import resnetlab as rl
 
-    cfg = train_config(init_from=tmp_path / "run", freeze="backbone", original_data="none", optim__lr=0.01)
-    assert cfg.model.init_from == str(tmp_path / "run") and cfg.train.freeze == "backbone"
-    assert cfg.eval.original_data == "none" and cfg.optim.lr == 0.01
+    seen = []
+    monkeypatch.setattr("resnetlab.jobs.train.train_job", lambda cfg, out, **_: seen.append(cfg.to_dict()) or out)
+    assert main(["train", "--recipe", "finetune-new-domain", "--init-from", str(tmp_path / "run"), "--freeze",
+                 "backbone", "--original-data", "none", "--quiet", "--out", str(tmp_path / "a")]) == 0
+    rl.train(recipe="finetune-new-domain", init_from=tmp_path / "run", freeze="backbone", original_data="none",
+             progress=False, out=tmp_path / "b")
+    assert seen[0] == seen[1]
+    assert seen[0]["model"]["init_from"] == str(tmp_path / "run") and seen[0]["train"]["freeze"] == "backbone"
+    assert seen[0]["eval"]["original_data"] == "none"
 
 
 def test_forgetting_is_measured_on_the_test_split_the_original_run_held_out(tiny_signs, new_domain, tmp_path):
