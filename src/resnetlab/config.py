@@ -78,6 +78,10 @@ class ModelConfig(_Section):
     drop_rate: float | None = Field(None, ge=0, lt=1, description="Dropout before the final linear layer (None: the model's default)")
     zero_init_residual: bool = False
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra model constructor arguments")
+    init_from: str | None = Field(
+        None, description="Fine-tune a trained resnetlab model: a run directory (its checkpoints/best.pt) or a "
+        "checkpoint. Its weights, class list (head kept), preprocessing and architecture are used; the data's "
+        "classes are mapped onto its classes by id or name (CLI: --init-from)")
 
 
 class AugmentConfig(_Section):
@@ -161,6 +165,11 @@ class TrainConfig(_Section):
         1, ge=1, description="Also keep the k best epochs as checkpoints/top_epoch_N.pt (1: best.pt only)"
     )
     sync_bn: bool = Field(False, description="SyncBatchNorm across processes in torchrun runs (CUDA only)")
+    freeze: Literal["none", "backbone", "all_but_bn_and_head"] = Field(
+        "none", description="Parameters that do not train: 'backbone' trains the final classifier layer only (its "
+        "BatchNorm layers stay in eval mode, running statistics as trained); 'all_but_bn_and_head' trains the "
+        "BatchNorm scales and shifts and the classifier (running statistics adapt to the new data). Needs starting "
+        "weights (model.init_from, or pretrained ones) (CLI: --freeze)")
 
     # Settings that contradict each other fail when the config is built, before a run starts. ConfigError is not a
     # ValueError, so pydantic lets it through with its own message.
@@ -196,6 +205,10 @@ class EvalConfig(_Section):
                                                            "accepted (predict/serve answer 'unknown' below it)")
     max_error: float | None = Field(None, ge=0, lt=1, description="Operating point: at most this error among "
                                                                     "accepted validation images (wins over coverage)")
+    original_data: str | None = Field(
+        None, description="With model.init_from: the dataset whose test split measures what fine-tuning forgot "
+        "(the original and the fine-tuned model are both evaluated on it); None: the one the original model was "
+        "trained on, when it can be read here; 'none': skip (CLI: --original-data)")
 
 
 class LoggingConfig(_Section):

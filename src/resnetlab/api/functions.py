@@ -42,6 +42,13 @@ logger = logging.getLogger("resnetlab.api")
 # train
 # ---------------------------------------------------------------------------------------------------------------
 
+# The fine-tuning options of train (the CLI's --init-from, --freeze, --original-data) and their config keys.
+FINETUNE_OPTIONS: dict[str, str] = {
+    "init_from": "model.init_from",
+    "freeze": "train.freeze",
+    "original_data": "eval.original_data",
+}
+
 
 def train_config(data: str | None = None, *, recipe: str | Path | None = None, resume: str | Path | None = None,
                  overrides: Overrides = None, progress: bool | None = None, where: str = "train",
@@ -54,8 +61,12 @@ def train_config(data: str | None = None, *, recipe: str | Path | None = None, r
         0.05
     """
     flags_given = {name: options.pop(name) for name in list(options) if name in RUN_FLAGS}
-    texts = keyword_overrides(options, known=[*RUN_FLAGS, "overrides", "progress", *also_known], where=where)
+    finetune = {FINETUNE_OPTIONS[name]: options.pop(name) for name in list(options) if name in FINETUNE_OPTIONS}
+    texts = keyword_overrides(options, known=[*RUN_FLAGS, *FINETUNE_OPTIONS, "overrides", "progress", *also_known],
+                              where=where)
     flags = run_flags(data=data, progress=progress, **flags_given)
+    # a path given as a Path is the config's text; None: not given
+    flags.update({key: str(value) if isinstance(value, os.PathLike) else value for key, value in finetune.items()})
     return resolve_run_config(recipe=recipe, resume=resume, flags=flags, overrides=texts + override_texts(overrides))
 
 
@@ -74,8 +85,10 @@ def train(data: str | None = None, *, recipe: str | Path | None = None, out: str
         overrides: Config keys to set, as ``{"optim.lr": 0.05}`` or ``["optim.lr=0.05"]``; they win over
             everything else.
         progress: False: no progress bar or console log (``--quiet``); None: the recipe's choice.
-        **options: ``epochs``, ``batch_size``, ``model``, ``seed``, ``device`` (the CLI's flags), and any config key
-            written ``section__key=value`` (``optim__lr=0.05``, ``train__ema=True``).
+        **options: ``epochs``, ``batch_size``, ``model``, ``seed``, ``device`` (the CLI's flags); for fine-tuning
+            a trained model, ``init_from`` (its run directory or checkpoint), ``freeze`` (``none``, ``backbone``,
+            ``all_but_bn_and_head``) and ``original_data`` (the dataset to measure forgetting on); and any config
+            key written ``section__key=value`` (``optim__lr=0.05``, ``train__ema=True``).
 
     Returns:
         The :class:`~resnetlab.api.results.Run`.
@@ -86,6 +99,7 @@ def train(data: str | None = None, *, recipe: str | Path | None = None, out: str
     Example:
         >>> run = rl.train(epochs=1, data__input_size=32)  # doctest: +SKIP
         >>> run.metrics["top1"], run.report_path  # doctest: +SKIP
+        >>> new = rl.train("csv:photos/labels.csv", recipe="finetune-new-domain", init_from=run.dir)  # doctest: +SKIP
     """
     from resnetlab.jobs.train import default_run_dir, train_job
 

@@ -23,6 +23,7 @@ from resnetlab.cli.options import (
     OUTPUT,
     PRECISION_HELP,
     RUN,
+    TRAINING,
     BatchSizeOption,
     DataOption,
     DeviceOption,
@@ -85,14 +86,19 @@ def train(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out", rich_help_panel=OUTPUT)] = False,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this directory from its last checkpoint", rich_help_panel=RUN)] = None,
     quiet: QuietOption = False,
+    init_from: Annotated[Optional[str], typer.Option("--init-from", metavar="RUN_OR_CHECKPOINT", help="Fine-tune this trained model: its weights, classes, preprocessing and architecture (model.init_from)", rich_help_panel=MODEL)] = None,
+    freeze: Annotated[Optional[str], typer.Option("--freeze", metavar="MODE", help="none, backbone (train the classifier only) or all_but_bn_and_head (BatchNorm and classifier) (train.freeze)", rich_help_panel=TRAINING)] = None,
+    original_data: Annotated[Optional[str], typer.Option("--original-data", metavar="SPEC", help="With --init-from: the dataset whose test split measures what fine-tuning forgot (default: the original model's, if readable; none: skip) (eval.original_data)", rich_help_panel=DATA)] = None,
 ) -> None:
-    """Train a model, evaluate it on the test split and write the report (defaults: the offline demo)."""
+    """Train a model, evaluate it on the test split and write the report (defaults: the offline demo). With
+    --init-from, fine-tune a trained model on new data and report before and after."""
     from resnetlab.api.functions import environment_rank_is_main
     from resnetlab.api.functions import train as train_run
 
     run = train_run(data, recipe=recipe, out=out, overwrite=overwrite, resume=resume,
                     overrides=list(overrides or []) + list(ctx.args), progress=False if quiet else None,
-                    batch_size=batch_size, model=model, epochs=epochs, seed=seed, device=device)
+                    batch_size=batch_size, model=model, epochs=epochs, seed=seed, device=device,
+                    init_from=init_from, freeze=freeze, original_data=original_data)
     if environment_rank_is_main():  # under torchrun, only rank 0 answers
         typer.echo(str(run.dir))
 

@@ -70,9 +70,16 @@ def auto_workers() -> int:
 
 def build_run_data(cfg: RunConfig, *, rank: int = 0, world_size: int = 1, pin_memory: bool = False,
                    log: Callable[[str], None] = _logger.info, source: DatasetSource | None = None,
-                   plan: SplitPlan | None = None) -> RunData:
+                   plan: SplitPlan | None = None,
+                   normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+                   absent_classes_ok: bool = False) -> RunData:
     """``source`` and ``plan`` may be given ready-made (k-fold tuning passes each fold's plan); by default they are
-    read and split from ``cfg.data``. Normalization statistics always come from ``plan.train`` alone."""
+    read and split from ``cfg.data``. Normalization statistics come from ``plan.train`` alone, unless
+    ``normalization`` gives them as ``(mean, std)`` (a fine-tuned model keeps those of its checkpoint).
+
+    Every class needs training images, except with ``absent_classes_ok`` a class without a single image in any
+    split: data expressed in a trained model's class list (fine-tuning) holds only some of its classes.
+    """
     source = source or open_dataset(cfg.data)
     for note in source.notes:
         log(note)
@@ -94,15 +101,21 @@ def build_run_data(cfg: RunConfig, *, rank: int = 0, world_size: int = 1, pin_me
                                   name=name)
         bad[name] = bad.get(name, []) + splits[name].bad
         setattr(plan, name, splits[name].table)  # skip mode: the plan's tables follow what can be read
-    if in_memory:
+    if normalization is not None:
+        mean, std = normalization
+    elif in_memory:
         mean, std = _normalization(cfg, lambda: channel_stats(splits["train"].images))
     else:
         mean, std = _normalization(cfg, lambda: file_stats(plan.train, prep, seed=cfg.data.split_seed))
     prep = Preprocessing(**{**prep.__dict__, "mean": tuple(mean), "std": tuple(std)})
-    log(f"normalization ({cfg.data.normalize}): mean {list(prep.mean)}, std {list(prep.std)}")
+    log(f"normalization ({'given' if normalization is not None else cfg.data.normalize}): mean {list(prep.mean)}, "
+        f"std {list(prep.std)}")
 
     train_counts = plan.train.class_counts(num_classes)
-    empty = [source.class_names[i] for i in np.flatnonzero(train_counts == 0)]
+    missing = train_counts == 0
+    if absent_classes_ok:
+        missing &= sum(getattr(plan, name).class_counts(num_classes) for name in ("train", "val", "test")) > 0
+    empty = [source.class_names[i] for i in np.flatnonzero(missing)]
     if empty:
         raise DataError(f"class(es) {empty} have no training images after splitting; add images or drop the class "
                         "with data.classes")

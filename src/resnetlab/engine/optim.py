@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from resnetlab.config import OptimConfig
+from resnetlab.errors import ConfigError
 
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -46,9 +48,84 @@ def parameter_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: 
     return [g for g in groups if g["params"]]
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Freezing (train.freeze): which parameters train when a trained model is fine-tuned on a few images
+# ---------------------------------------------------------------------------------------------------------------
+
+BATCH_NORMS = nn.modules.batchnorm._BatchNorm
+
+
+@dataclass(frozen=True)
+class FreezeSummary:
+    mode: str
+    trainable: int  # parameters (elements) that train
+    total: int
+    head: str  # the classifier layer's attribute name
+
+    def describe(self) -> str:
+        what = {"none": "every layer", "backbone": f"only the classifier `{self.head}` (BatchNorm layers in eval "
+                "mode: running statistics kept as trained)",
+                "all_but_bn_and_head": f"only the BatchNorm scales and shifts and the classifier `{self.head}` "
+                "(BatchNorm running statistics adapt to the new data)"}[self.mode]
+        return (f"train.freeze={self.mode}: {self.trainable:,} of {self.total:,} parameters train "
+                f"({self.trainable / max(self.total, 1):.1%}), {what}")
+
+
+def classifier_of(model: nn.Module) -> tuple[str, nn.Module]:
+    """The final classifier layer, by the name the model's default config gives it (timm's
+    ``default_cfg["classifier"]``; ``fc`` for every resnetlab model)."""
+    name = str(getattr(model, "default_cfg", {}).get("classifier", "fc"))
+    head = getattr(model, name, None)
+    if not isinstance(head, nn.Module) or not any(True for _ in head.parameters()):
+        raise ConfigError(f"train.freeze: the model has no classifier layer '{name}' with parameters to train; "
+                          "use train.freeze=none")
+    return name, head
+
+
+def freeze_parameters(model: nn.Module, mode: str) -> FreezeSummary:
+    """Set ``requires_grad`` for ``train.freeze``; the optimizer then leaves frozen parameters out (see
+    :func:`parameter_groups`).
+
+    - ``none``: nothing is changed.
+    - ``backbone``: only the classifier layer trains (a linear probe). The frozen BatchNorm layers are kept in eval
+      mode by the trainer (:func:`frozen_norm_layers`), so the features the head learns on are exactly those of
+      the trained model, and a few images cannot drag its running statistics.
+    - ``all_but_bn_and_head``: the BatchNorm scales and shifts and the classifier train; the running statistics
+      adapt to the new domain, the usual few-shot recipe (adapting BatchNorm to a domain shift: Li et al., "Revisiting
+      Batch Normalization For Practical Domain Adaptation", 2016; training only BatchNorm: Frankle et al., "Training
+      BatchNorm and Only BatchNorm", ICLR 2021). A model without BatchNorm (simple_cnn) trains its classifier only.
+
+    Setting the flags again is a no-op, so the train job (before DistributedDataParallel sees the parameters) and
+    the trainer can both call it.
+    """
+    total = sum(p.numel() for p in model.parameters())
+    if mode == "none":
+        return FreezeSummary(mode, sum(p.numel() for p in model.parameters() if p.requires_grad), total, "fc")
+    if mode not in ("backbone", "all_but_bn_and_head"):
+        raise ConfigError(f"train.freeze={mode!r}: choose none, backbone or all_but_bn_and_head")
+    name, head = classifier_of(model)
+    model.requires_grad_(False)
+    if mode == "all_but_bn_and_head":
+        for module in model.modules():
+            if isinstance(module, BATCH_NORMS):
+                module.requires_grad_(True)
+    head.requires_grad_(True)
+    return FreezeSummary(mode, sum(p.numel() for p in model.parameters() if p.requires_grad), total, name)
+
+
+def frozen_norm_layers(model: nn.Module) -> list[nn.Module]:
+    """BatchNorm layers whose scale and shift are frozen: training keeps them in eval mode, so that they normalize
+    with their trained running statistics and do not update them (``train.freeze=backbone``)."""
+    return [module for module in model.modules() if isinstance(module, BATCH_NORMS)
+            and any(True for _ in module.parameters()) and not any(p.requires_grad for p in module.parameters())]
+
+
 def create_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """SGD (momentum, Nesterov), Adam, AdamW or RMSprop over :func:`parameter_groups`."""
+    """SGD (momentum, Nesterov), Adam, AdamW or RMSprop over :func:`parameter_groups` (trainable parameters only:
+    frozen ones get no optimizer state and no weight decay)."""
     groups = parameter_groups(model, cfg.weight_decay, cfg.no_decay_norm_bias)
+    if not any(group["params"] for group in groups):
+        raise ConfigError("no parameter of the model trains (all are frozen); use train.freeze=none")
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     if cfg.name == "adam":

@@ -33,7 +33,14 @@ from resnetlab.data.build import RunData
 from resnetlab.engine.checkpoint_saver import CheckpointSaver
 from resnetlab.engine.distributed import DistributedContext
 from resnetlab.engine.evaluation_loop import EpochResult, evaluate_loader
-from resnetlab.engine.optim import GradientPerturbation, create_optimizer, frozen_norm_statistics, wrap_optimizer
+from resnetlab.engine.optim import (
+    GradientPerturbation,
+    create_optimizer,
+    freeze_parameters,
+    frozen_norm_layers,
+    frozen_norm_statistics,
+    wrap_optimizer,
+)
 from resnetlab.engine.run_logging import PROGRESS_EVERY, MetricsFile, Progress, TensorBoardSink, epoch_line
 from resnetlab.engine.runtime import Runtime, rng_state, set_rng_state
 from resnetlab.engine.schedule import Schedule
@@ -59,8 +66,13 @@ def loss_class_weights(cfg: LossConfig, train_counts: np.ndarray) -> torch.Tenso
     if cfg.class_weights == "balanced":
         from sklearn.utils.class_weight import compute_class_weight
 
-        labels = np.repeat(np.arange(num_classes), np.asarray(train_counts, dtype=np.int64))
-        weights = compute_class_weight("balanced", classes=np.arange(num_classes), y=labels)
+        # Over the classes that have training images: a model fine-tuned on some of its classes (model.init_from)
+        # has classes without any; they get weight 0 (no target is ever theirs).
+        counts = np.asarray(train_counts, dtype=np.int64)
+        present = np.flatnonzero(counts > 0)
+        labels = np.repeat(present, counts[present])
+        weights = np.zeros(num_classes)
+        weights[present] = compute_class_weight("balanced", classes=present, y=labels)
         return torch.as_tensor(weights, dtype=torch.float32)
     if len(cfg.class_weights) != num_classes:
         raise ConfigError(f"loss.class_weights has {len(cfg.class_weights)} numbers but the data has {num_classes} "
@@ -94,7 +106,8 @@ class Trainer:
     def __init__(self, cfg: RunConfig, data: RunData, model: nn.Module, runtime: Runtime, run_dir: Path,
                  log: RunLog, *, model_kwargs: dict, is_main: bool = True, ddp_model: nn.Module | None = None,
                  dist: DistributedContext | None = None,
-                 on_epoch_end: Callable[[int, dict[str, Any]], bool | None] | None = None):
+                 on_epoch_end: Callable[[int, dict[str, Any]], bool | None] | None = None,
+                 meta_extra: dict[str, Any] | None = None):
         self.cfg = cfg
         self.data = data
         self.model = model  # the bare model: what checkpoints hold and validation runs
@@ -111,6 +124,9 @@ class Trainer:
         # Called with (epoch, metrics row) after each epoch is saved; returning False stops training there (the
         # tuner reports to its pruner this way). In a distributed run every rank calls it and must agree.
         self.on_epoch_end = on_epoch_end
+        # Added to every checkpoint's meta (a dict merged into the entry of that name): a fine-tuned run records
+        # the checkpoint it started from, and its data's fingerprints in the data's own class list.
+        self.meta_extra = meta_extra or {}
 
         t = cfg.train
         # Without a validation split (data.val_fraction=0: a refit on all training data) every epoch counts as the
@@ -119,6 +135,10 @@ class Trainer:
         if not self.has_val and (t.early_stopping_patience or cfg.schedule.name == "plateau"):
             raise ConfigError("early stopping and the plateau schedule monitor the validation split, but "
                               "data.val_fraction=0 leaves none; give a validation fraction or drop them")
+        # train.freeze: the train job has frozen the model already, before DistributedDataParallel saw its
+        # parameters; freezing again changes nothing and makes every Trainer honour the setting.
+        freeze_parameters(model, t.freeze)
+        self.frozen_norms = frozen_norm_layers(model)
         self.base_optimizer = create_optimizer(model, cfg.optim)
         self.optimizer = wrap_optimizer(self.base_optimizer, cfg.optim)
         self.perturbation = self.optimizer if isinstance(self.optimizer, GradientPerturbation) else None
@@ -159,13 +179,16 @@ class Trainer:
     def meta(self, weights: str = "raw") -> dict:
         source = self.data.source
         plan = self.data.plan
-        return build_meta(
+        meta = build_meta(
             model_name=self.cfg.model.name, model_kwargs=self.model_kwargs, class_ids=source.class_ids,
             class_names=source.class_names, prep=self.data.prep, config=self.cfg.to_dict(),
             data={"spec": source.spec, "fingerprint": source.fingerprint(), "split_strategy": plan.strategy,
                   "split_sources": plan.sources, "split_sizes": plan.sizes(),
                   "split_fingerprints": {n: getattr(plan, n).fingerprint() for n in ("train", "val", "test")}},
             epoch=self.epoch, monitor=self.cfg.train.monitor, best_metric=self.best_metric, weights=weights)
+        for key, value in self.meta_extra.items():
+            meta[key] = {**meta[key], **value} if isinstance(meta.get(key), dict) and isinstance(value, dict) else value
+        return meta
 
     def state_dict(self) -> dict:
         return {
@@ -215,6 +238,12 @@ class Trainer:
                      f"{self.cfg.train.epochs}")
         for warning in self.load_state_dict(state):
             self.log(f"warning: {warning}")
+        started_from, now = state["meta"].get("init_from"), self.meta_extra.get("init_from")
+        if started_from and now and started_from.get("sha256") != now.get("sha256"):
+            self.log(f"warning: this run was fine-tuned from {started_from.get('checkpoint')} (sha256 "
+                     f"{str(started_from.get('sha256'))[:12]}...), but model.init_from now reads a different file "
+                     f"(sha256 {str(now.get('sha256'))[:12]}...); the weights resume from last.pt, and its checkpoints "
+                     "will record the file read now")
         if self.is_main:
             self.metrics_file.truncate(self.epoch)
         self.log(f"resumed from {path} after epoch {self.epoch} (step {self.step}, "
@@ -283,6 +312,8 @@ class Trainer:
 
     def _train_epoch(self, epoch: int, progress: Progress, budget_s: float | None):
         self.net.train()
+        for layer in self.frozen_norms:  # train.freeze=backbone: normalize with the trained statistics
+            layer.eval()
         device = self.runtime.device
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)

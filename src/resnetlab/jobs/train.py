@@ -22,14 +22,22 @@ from resnetlab.config import RunConfig
 from resnetlab.data.build import RunData, build_run_data, eval_batches_for_table
 from resnetlab.data.datasets import open_dataset
 from resnetlab.data.records import DatasetSource
-from resnetlab.data.splits import SplitPlan
+from resnetlab.data.splits import SplitPlan, plan_data_splits
 from resnetlab.data.splits import write_split_manifest
 from resnetlab.engine.distributed import DistributedContext, init_distributed, wrap_model
+from resnetlab.engine.optim import freeze_parameters
 from resnetlab.engine.runtime import Runtime, resolve_runtime, seed_everything
 from resnetlab.engine.trainer import Trainer
 from resnetlab.errors import ConfigError
 from resnetlab.evaluation.selective import operating_point_from_record
 from resnetlab.jobs.evaluate import collect_logits, deployment_check, evaluate_model_on_batches
+from resnetlab.jobs.finetune import (
+    InitFrom,
+    build_init_model,
+    resolve_init_from,
+    to_model_classes,
+    write_finetune_comparison,
+)
 from resnetlab.reporting.runs_index import RUN_MARKERS, is_run_dir
 from resnetlab.utils.io import read_json, write_csv_rows, write_json, write_text
 from resnetlab.utils.runlog import RunLog
@@ -199,7 +207,9 @@ def train_job(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: boo
     started = time.time()
     run_dir = None
     try:
-        inputs = _open_inputs(cfg, log, dist, source=source, plan=plan)
+        # model.init_from: the checkpoint's model and preprocessing replace the config's (config.yaml says so)
+        cfg, init = resolve_init_from(cfg, log)
+        inputs = _open_inputs(cfg, log, dist, source=source, plan=plan, init=init)
         # Every rank must write (rank 0) or read (checkpoints on --resume) the same folder: rank 0 chooses it.
         run_dir = dist.broadcast_object(prepare_run_dir(out, overwrite=overwrite, resume=resume)
                                         if dist.is_main else None)
@@ -235,16 +245,20 @@ class _Inputs:
     model: torch.nn.Module
     net: torch.nn.Module
     origin: str
+    init: InitFrom | None = None  # the checkpoint a fine-tuning run starts from
 
 
 def _open_inputs(cfg: RunConfig, log: RunLog, dist: DistributedContext, *, source: DatasetSource | None,
-                 plan: SplitPlan | None) -> _Inputs:
+                 plan: SplitPlan | None, init: InitFrom | None = None) -> _Inputs:
     # Check what the user named before printing anything, so that a typo gets one clear line and nothing else.
     from resnetlab.models import resolve_model_name
 
     resolve_model_name(cfg.model.name)
     data_cfg = per_rank_config(cfg, dist.world_size)
     source = source or open_dataset(cfg.data)
+    if init is not None:
+        # Split in the data's own class list (as `evaluate` rebuilds the splits later), then relabel into the model's.
+        source, plan = to_model_classes(source, plan or plan_data_splits(source, cfg.data), init, log)
     runtime = resolve_runtime(cfg.train, local_rank=dist.local_rank if dist.enabled else None)
     # The same seed on every rank: the in-memory batches draw their order from the global RNG, and the ranks must
     # agree on it to take disjoint shards of one permutation (as DistributedSampler does with its shared seed).
@@ -259,7 +273,9 @@ def _open_inputs(cfg: RunConfig, log: RunLog, dist: DistributedContext, *, sourc
             f"{', SyncBatchNorm' if cfg.train.sync_bn else ''}")
 
     data = build_run_data(data_cfg, rank=dist.rank, world_size=dist.world_size,
-                          pin_memory=runtime.device.type == "cuda", log=log, source=source, plan=plan)
+                          pin_memory=runtime.device.type == "cuda", log=log, source=source, plan=plan,
+                          normalization=init.normalization if init is not None else None,
+                          absent_classes_ok=init is not None)
     if dist.enabled and dist.is_main:
         # Rank 0 validates and tests on the whole splits, not on its shard of them.
         data.val = eval_batches_for_table(data.plan.val, data.prep, cfg.data.eval_batch_size,
@@ -270,15 +286,21 @@ def _open_inputs(cfg: RunConfig, log: RunLog, dist: DistributedContext, *, sourc
                           for i, (cid, name) in enumerate(zip(data.source.class_ids, data.source.class_names)))
     log(f"classes ({data.source.num_classes}): {class_map}")
 
-    model, origin = build_model(cfg, data.source.num_classes, log)
+    if init is not None:
+        model, origin = build_init_model(init, model_kwargs_of(cfg), log)
+    else:
+        model, origin = build_model(cfg, data.source.num_classes, log)
     model = model.to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.train.freeze != "none":  # before DistributedDataParallel records which parameters need gradients
+        log(freeze_parameters(model, cfg.train.freeze).describe())
     model, net = wrap_model(model, dist, sync_bn=cfg.train.sync_bn)
     if cfg.train.compile:
         net = torch.compile(net)
         log("torch.compile: on (the first steps include compilation)")
-    return _Inputs(runtime=runtime, eval_runtime=eval_runtime, data=data, model=model, net=net, origin=origin)
+    return _Inputs(runtime=runtime, eval_runtime=eval_runtime, data=data, model=model, net=net, origin=origin,
+                   init=init)
 
 
 def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, inputs: _Inputs, *, resume: bool,
@@ -292,7 +314,7 @@ def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, inp
     def make_trainer(run_cfg: RunConfig) -> Trainer:
         return Trainer(run_cfg, data, model, runtime, out, log, model_kwargs=model_kwargs_of(run_cfg),
                        is_main=dist.is_main, ddp_model=net if net is not model else None, dist=dist,
-                       on_epoch_end=on_epoch_end)
+                       on_epoch_end=on_epoch_end, meta_extra=inputs.init.meta_extra() if inputs.init else None)
 
     trainer = make_trainer(cfg)
     if cfg.train.epochs_from_budget and not resume:
@@ -332,6 +354,7 @@ def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, inp
     eval_result = evaluate_model_on_batches(
         model, eval_runtime, data.test, data.plan.test, class_names=data.source.class_names, prep=data.prep,
         out_dir=out / "eval", topk=cfg.eval.topk, gradcam=cfg.eval.gradcam, split_name="test", collected=collected,
+        labels_present=inputs.init.labels_present if inputs.init else None,
         temperature=calibration["temperature"] if calibration else None,
         operating_point=operating_point_from_record(calibration), log=log)
     _write_run_info(out, cfg, runtime, data, model, outcome, started, best["meta"].get("weights", "raw"), dist, origin)
@@ -342,6 +365,9 @@ def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, inp
         if deployment is not None:
             write_json(out / "eval" / "metrics.json", {**read_json(out / "eval" / "metrics.json"),
                                                        "deployment": deployment})
+    if inputs.init is not None:
+        write_finetune_comparison(inputs.init, model, eval_runtime, data.test, spec=data.source.spec,
+                                  out_dir=out / "eval", batch_size=cfg.data.eval_batch_size, log=log)
     if report:
         from resnetlab.reporting.report import render_report
 

@@ -410,6 +410,52 @@ def _test_results(doc: Document, run: RunFiles) -> None:
     _metric_table(doc, metrics, RESULT_ROWS)
 
 
+FINETUNE_ROWS: tuple[tuple[str, str, str], ...] = (
+    ("Top-1 accuracy", "top1", "pct"),
+    ("Balanced accuracy", "balanced_accuracy", "pct"),
+    ("Expected calibration error", "ece", "float"),
+)
+
+
+def _fine_tuning(doc: Document, run: RunFiles) -> None:
+    """Before and after fine-tuning (``eval/finetune.json``, written by a run with ``model.init_from``): the
+    original and the fine-tuned model on the new domain's test split, and on the original dataset's."""
+    from resnetlab.utils.io import read_json
+
+    path = run.eval_dir / "finetune.json" if run.eval_dir is not None else None
+    if path is None or not path.is_file():
+        return
+    record = read_json(path)
+    doc.heading("Fine-tuning")
+    origin = record.get("init_from") or {}
+    doc.paragraph(f"Fine-tuned from `{origin.get('checkpoint')}` (sha256 `{str(origin.get('sha256'))[:12]}`), "
+                  "keeping its classes, head and preprocessing. *Before* is that checkpoint, *after* this run's "
+                  f"model, on the same images ({record.get('confidence', 'softmax')} confidences for the ECE).")
+    rows = []
+    for title, key in (("New domain", "new_domain"), ("Original dataset", "original")):
+        entry = record.get(key)
+        if not entry:
+            continue
+        before, after = entry["before"], entry["after"]
+        where = f"{title}: `{entry['data']}`, {entry['split']}, {format_value(after['num_images'], 'int')} images"
+        for label, metric, kind in FINETUNE_ROWS:
+            change = after[metric] - before[metric]
+            shown = f"{100 * change:+.2f} points" if kind == "pct" else f"{change:+.4f}"
+            rows.append([where, label, format_value(before[metric], kind), format_value(after[metric], kind), shown])
+            where = ""
+    if rows:
+        doc.table(["Data", "Metric", "Before", "After", "Change"], rows, ["left", "left", "right", "right", "right"])
+    if not record.get("original"):
+        doc.paragraph(f"Not evaluated on the original dataset: {record.get('original_skipped') or 'not available'}. "
+                      "`--original-data SPEC` names it.")
+    else:
+        forgot = record["original"]["before"]["top1"] - record["original"]["after"]["top1"]
+        gained = record["new_domain"]["after"]["top1"] - record["new_domain"]["before"]["top1"]
+        doc.paragraph(f"Fine-tuning {'gained' if gained >= 0 else 'lost'} {100 * abs(gained):.2f} points of top-1 on "
+                      f"the new domain and {'forgot' if forgot > 0 else 'gained'} {100 * abs(forgot):.2f} on the "
+                      "original dataset.")
+
+
 def _per_class_rows(rows):
     return [[str(int(row["index"])), row["class"], format_value(row["precision"], "float"),
              format_value(row["recall"], "float"), format_value(row["f1"], "float"),
@@ -631,6 +677,7 @@ def build_report(run: RunFiles, plots_dir: Path, *, load_image: Callable[[str], 
     _configuration(doc, run)
     _training(doc, run, plots_dir)
     _test_results(doc, run)
+    _fine_tuning(doc, run)
     _per_class(doc, run, plots_dir, f1_threshold)
     _confusion(doc, run, plots_dir)
     _calibration(doc, run, plots_dir)
