@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -392,3 +393,46 @@ def test_a_model_without_calibration_behaves_as_before(plain_checkpoint, images,
     assert not any(p["unknown"] for p in answers)
     # a threshold given directly still works without a calibration record
     assert all(p["unknown"] for p in _predict_json(capsys, str(result.out_dir), *images, "--threshold", "1.0"))
+
+
+def test_serve_options_reach_the_workers_and_bad_ones_stop_before_binding(calibrated, capsys):
+    checkpoint, _ = calibrated
+    for options in (AnswerOptions(), AnswerOptions(raw=True, threshold=0.25), AnswerOptions(coverage=0.8),
+                    AnswerOptions(max_error=0.05), AnswerOptions(accept_all=True)):
+        environment = options.to_environment()
+        assert AnswerOptions.from_environment(environment.get) == options
+    assert main(["serve", str(checkpoint), "--raw", "--coverage", "0.9"]) == 2
+    assert "--raw with --coverage" in capsys.readouterr().err
+
+
+def test_real_server_with_two_workers_withholds_and_the_page_shows_it(calibrated, images, tmp_path):
+    """`serve --threshold 1.0 --workers 2`: both worker processes apply the option, and the page says "unknown"."""
+    import httpx
+
+    from tests.test_deploy_service import DevTools, _chromium
+    from tests.test_service_load import running_server
+
+    checkpoint, _ = calibrated
+    with running_server(checkpoint, tmp_path / "serve.log", "--threshold", "1.0", "--workers", "2") as (url, _):
+        with httpx.Client(timeout=60) as http:
+            bodies = [http.post(f"{url}/predict", files={"file": ("a.png", open(images[i % 3], "rb").read(),
+                                                                   "image/png")}).json() for i in range(6)]
+        for body in bodies:
+            assert body["operating_point"]["rule"] == "threshold" and body["predictions"][0]["unknown"] is True
+        binary = _chromium()
+        if binary is None:
+            pytest.skip("no Chromium found (install Debian's chromium or set RESNETLAB_CHROMIUM)")
+        browser = DevTools(binary, tmp_path / "profile")
+        try:
+            browser.open(f"{url}/")
+            browser.wait_for("document.getElementById('model').textContent.includes('temperature')")
+            model_line = browser.evaluate("document.getElementById('model').textContent")
+            browser.choose_file("#file", Path(images[0]))
+            browser.wait_for("!document.getElementById('result').hidden")
+            verdict = browser.evaluate("document.getElementById('verdict').textContent")
+            greyed = browser.evaluate("document.getElementById('classes').className")
+        finally:
+            browser.close()
+    assert 'answers below 100.0 % are "unknown"' in model_line
+    assert verdict.startswith("unknown (best guess: ") and "below the operating point 1.000" in verdict
+    assert greyed == "withheld"

@@ -228,33 +228,33 @@ class Predictor:
             outputs = outputs * self.graph_temperature
         return outputs / temperature if temperature is not None else outputs
 
-    def _scores(self, x: torch.Tensor, temperature: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Probabilities and energies of a normalized batch at ``temperature``."""
+    def _scores(self, x: torch.Tensor, temperature: float | None,
+                energy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Probabilities and (unless ``energy`` is False) energies of a normalized batch at ``temperature``."""
         logits = self.outputs(x, temperature)
-        energy = None
-        if self.output_kind == "logits":
+        if energy and self.output_kind == "logits":
             # the energy -T logsumexp(logits / T) of Liu et al. (2020), from the logits already divided by T
-            energy = -(temperature or 1.0) * torch.logsumexp(logits.double(), dim=1)
-        return logits.softmax(dim=1), energy
+            return logits.softmax(dim=1), -(temperature or 1.0) * torch.logsumexp(logits.double(), dim=1)
+        return logits.softmax(dim=1), None
 
-    def scores(self, batch_uint8: torch.Tensor, *, tta: bool = False, temperature: float | None | str = "default"
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """uint8 [B, 3, S, S] -> (probabilities [B, C] float32, energies [B] float64 or None for a model whose
-        output is probabilities), at ``temperature`` (default: the applied one). ``tta`` averages both over the
-        test-time augmentation views."""
+    def scores(self, batch_uint8: torch.Tensor, *, tta: bool = False, temperature: float | None | str = "default",
+               energy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """uint8 [B, 3, S, S] -> (probabilities [B, C] float32, energies [B] float64, or None for a model whose
+        output is probabilities or with ``energy=False``), at ``temperature`` (default: the applied one). ``tta``
+        averages both over the test-time augmentation views."""
         if temperature == "default":
             temperature = self.temperature
         with self._torch_thread_scope():
             x = normalize(batch_uint8, self.mean, self.std)
             if not tta:
-                return self._scores(x, temperature)
+                return self._scores(x, temperature, energy)
             from resnetlab.evaluation.tta import tta_views
 
             views = tta_views(x, flip=self.record.get("test_time_flip") is True, crops=True)
-            per_view = [self._scores(view, temperature) for view in views]
+            per_view = [self._scores(view, temperature, energy) for view in views]
             probabilities = torch.stack([p for p, _ in per_view]).mean(dim=0)
-            energy = None if per_view[0][1] is None else torch.stack([e for _, e in per_view]).mean(dim=0)
-            return probabilities, energy
+            energies = None if per_view[0][1] is None else torch.stack([e for _, e in per_view]).mean(dim=0)
+            return probabilities, energies
 
     def probabilities(self, batch_uint8: torch.Tensor, *, tta: bool = False) -> torch.Tensor:
         """uint8 [B, 3, S, S] (as :meth:`prepare` makes) -> class probabilities [B, C], float32, calibrated when
@@ -263,7 +263,7 @@ class Predictor:
         ``tta`` averages the softmax over the views ``evaluate --tta`` uses (:mod:`resnetlab.evaluation.tta`): the
         image, four corner crops, and their mirror images only where the model was trained with flips.
         """
-        return self.scores(batch_uint8, tta=tta)[0]
+        return self.scores(batch_uint8, tta=tta, energy=False)[0]
 
     def _torch_thread_scope(self):
         """One torch thread around a call whose model runs on another runtime's thread pool.
