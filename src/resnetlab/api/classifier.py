@@ -35,11 +35,16 @@ class Prediction:
     """The classes of one image, most likely first.
 
     Attributes:
-        label: The most likely class's name.
+        label: The most likely class's name: the best guess, also when the answer is ``unknown``.
         class_id: Its id in the training data (a GTSRB class number, a folder name, ...).
-        confidence: Its softmax probability.
+        confidence: Its softmax probability, calibrated (``softmax(logits / T)``) when the model has a temperature
+            and ``raw`` was not asked for.
         topk: ``(name, confidence)`` of the ``topk`` most likely classes.
         path: The file, for an input given as a path; else None.
+        unknown: The confidence is below the operating point: the model does not know (``label`` is its guess).
+        reason: Why the answer is unknown, in words; None when it is not.
+        energy: The energy score ``-T logsumexp(logits / T)`` at the applied temperature (lower: more like the
+            training images); None for a model whose output is probabilities.
     """
 
     label: str
@@ -47,10 +52,14 @@ class Prediction:
     confidence: float
     topk: list[tuple[str, float]]
     path: str | None = None
+    unknown: bool = False
+    reason: str | None = None
+    energy: float | None = None
 
     def __repr__(self) -> str:
         where = f", path={self.path!r}" if self.path is not None else ""
-        return f"Prediction(label={self.label!r}, confidence={self.confidence:.3f}{where})"
+        unknown = ", unknown=True" if self.unknown else ""
+        return f"Prediction(label={self.label!r}, confidence={self.confidence:.3f}{unknown}{where})"
 
 
 class Classifier:
@@ -93,8 +102,9 @@ class Classifier:
 
         return transform
 
-    def predict(self, x: ImageInput | Sequence[ImageInput], topk: int = 5, tta: bool = False
-                ) -> Prediction | list[Prediction]:
+    def predict(self, x: ImageInput | Sequence[ImageInput], topk: int = 5, tta: bool = False, *,
+                raw: bool | None = None, coverage: float | None = None, max_error: float | None = None,
+                threshold: float | None = None, accept_all: bool | None = None) -> Prediction | list[Prediction]:
         """The classes of an image, or of each image of a list.
 
         Args:
@@ -103,6 +113,9 @@ class Classifier:
                 normalized like files.
             topk: Classes to keep per image.
             tta: Average over the test-time augmentation views ``evaluate --tta`` uses.
+            raw, coverage, max_error, threshold, accept_all: For this call, instead of the options given to
+                :func:`load`: uncalibrated confidences, or the operating point below which an answer is
+                ``unknown`` (see :func:`load`). Not given: those of :func:`load`.
 
         Returns:
             One :class:`Prediction` for a single input, a list for a list.
@@ -116,6 +129,7 @@ class Classifier:
 
         if topk < 1:
             raise DataError(f"topk={topk}: give at least 1")
+        answers = self._answers(raw, coverage, max_error, threshold, accept_all)
         single = not isinstance(x, (list, tuple))
         items = [x] if single else list(x)
         predictions: list[Prediction] = []
@@ -123,12 +137,29 @@ class Classifier:
             chunk = items[start : start + PREDICT_BATCH]
             batch = torch.stack([self._prepare(item, start + offset) for offset, item in enumerate(chunk)])
             names = [str(item) if isinstance(item, (str, Path)) else "" for item in chunk]
-            for item, result in zip(chunk, self.predictor.predict_tensors(batch, names, topk=topk, tta=tta)):
+            results = self.predictor.predict_tensors(batch, names, topk=topk, tta=tta, answers=answers)
+            for item, result in zip(chunk, results):
                 predictions.append(Prediction(
                     label=result.classes[0], class_id=result.class_ids[0], confidence=result.confidences[0],
                     topk=list(zip(result.classes, result.confidences)),
-                    path=str(item) if isinstance(item, (str, Path)) else None))
+                    path=str(item) if isinstance(item, (str, Path)) else None, unknown=result.unknown,
+                    reason=result.reason, energy=result.energy))
         return predictions[0] if single else predictions
+
+    def _answers(self, raw, coverage, max_error, threshold, accept_all):
+        """The call's AnswerOptions: None (the predictor's own) when no option is given."""
+        if raw is None and coverage is None and max_error is None and threshold is None and accept_all is None:
+            return None
+        from resnetlab.deployment.predictor import AnswerOptions
+
+        base = self.predictor.answers
+        choosing = coverage is not None or max_error is not None or threshold is not None or accept_all is not None
+        # a new way of choosing the operating point replaces the one given to load(), rather than joining it
+        return AnswerOptions(raw=base.raw if raw is None else raw,
+                             coverage=coverage if choosing else base.coverage,
+                             max_error=max_error if choosing else base.max_error,
+                             threshold=threshold if choosing else base.threshold,
+                             accept_all=bool(accept_all) if choosing else base.accept_all)
 
     def _prepare(self, item: Any, index: int) -> torch.Tensor:
         """One input -> the uint8 [3, S, S] model input, through the recorded preprocessing."""
@@ -161,13 +192,24 @@ class Classifier:
                 f"backend={self.predictor.backend.name})")
 
 
-def load(path: str | Path, *, backend: str = "auto", precision: str = "auto") -> Classifier:
+def load(path: str | Path, *, backend: str = "auto", precision: str = "auto", raw: bool = False,
+         coverage: float | None = None, max_error: float | None = None, threshold: float | None = None,
+         accept_all: bool = False) -> Classifier:
     """A trained model from a run directory, a checkpoint file or an export folder.
+
+    Confidences are calibrated (``softmax(logits / T)``) when the model has a temperature, and an answer below the
+    operating point stored with it is ``unknown`` (its best guess still given), as ``resnetlab predict``.
 
     Args:
         path: A run directory (its ``checkpoints/best.pt``), a checkpoint, or a folder ``rl.export`` wrote.
         backend: ``auto``, ``torch``, ``onnxruntime``, ``torchscript`` or ``aoti``, as ``resnetlab predict``.
         precision: ``auto``, ``float32`` or ``bf16``, as ``resnetlab predict``.
+        raw: Uncalibrated confidences, and no operating point unless ``threshold`` is given.
+        coverage: Choose the operating point that keeps this fraction of in-domain validation images.
+        max_error: Choose the operating point with at most this error among accepted validation images.
+        threshold: Answer ``unknown`` below this confidence.
+        accept_all: Never answer ``unknown``. At most one of ``coverage``, ``max_error``, ``threshold`` and
+            ``accept_all``.
 
     Returns:
         A :class:`Classifier`.
@@ -176,9 +218,11 @@ def load(path: str | Path, *, backend: str = "auto", precision: str = "auto") ->
         >>> clf = rl.load("runs/demo")  # doctest: +SKIP
         >>> clf.classes[:2], clf.predict(["a.png", "b.png"], topk=1)  # doctest: +SKIP
     """
-    from resnetlab.deployment.predictor import load_predictor
+    from resnetlab.deployment.predictor import AnswerOptions, load_predictor
 
+    answers = AnswerOptions(raw=raw, coverage=coverage, max_error=max_error, threshold=threshold,
+                            accept_all=accept_all)
     if not Path(path).exists():
         raise CheckpointError(f"'{path}' does not exist; pass a run directory, a checkpoint or an export folder")
-    predictor = load_predictor(path, backend=backend, precision=precision, log=logger.info)
+    predictor = load_predictor(path, backend=backend, precision=precision, log=logger.info, answers=answers)
     return Classifier(predictor, Path(path))

@@ -332,7 +332,8 @@ def tune(data: str | None = None, *, recipe: str | Path | None = None,
 
 def export(model_or_path: str | Path | Run | Classifier, format: str = "onnx", out: str | Path | None = None, *,
            dynamic_batch: bool = False, quantize: str | None = None, precision: str = "float32",
-           opset: int | None = None, parity_batch: int = 8, calibration_data: str | None = None) -> Export:
+           opset: int | None = None, parity_batch: int = 8, calibration_data: str | None = None,
+           raw: bool = False) -> Export:
     """Export a trained model to ONNX, TorchScript or an AOTInductor package, checked against the eager model.
 
     Args:
@@ -346,6 +347,7 @@ def export(model_or_path: str | Path | Run | Classifier, format: str = "onnx", o
         opset: ONNX opset (default 18).
         parity_batch: Batch N of the parity check besides batch 1.
         calibration_data: Dataset for int8 calibration and the int8/bf16 accuracy check (default: the training data).
+        raw: Export raw logits; by default a calibrated model's graph outputs ``logits / temperature``.
 
     Returns:
         The :class:`~resnetlab.api.results.Export`.
@@ -383,7 +385,7 @@ def export(model_or_path: str | Path | Run | Classifier, format: str = "onnx", o
         raise ConfigError(f"--out '{out}' is a file; pass a folder")
     result = export_checkpoint(source, out, fmt=format, dynamic_batch=dynamic_batch, opset=opset or DEFAULT_OPSET,
                                parity_batch=parity_batch, quantize=quantize, calibration_data=calibration_data,
-                               precision=precision, log=logger.info)
+                               precision=precision, raw=raw, log=logger.info)
     return Export(result.out_dir, result=result)
 
 

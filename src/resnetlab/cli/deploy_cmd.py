@@ -7,7 +7,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from resnetlab.cli.options import BACKEND_HELP, PRECISION_HELP, fail
+from resnetlab.cli.options import (
+    BACKEND_HELP,
+    PRECISION_HELP,
+    AcceptAllOption,
+    CoverageOption,
+    MaxErrorOption,
+    RawOption,
+    ThresholdOption,
+    answer_options,
+    fail,
+)
 from resnetlab.deployment.service_settings import (
     API_KEY_ENVIRONMENT,
     DEFAULT_MAX_CONCURRENCY,
@@ -32,19 +42,24 @@ def export(
     parity_batch: Annotated[int, typer.Option("--parity-batch", help="Batch N of the parity check besides batch 1")] = 8,
     quantize: Annotated[Optional[str], typer.Option("--quantize", help="int8: static quantization through ONNX Runtime")] = None,
     calibration_data: Annotated[Optional[str], typer.Option("--calibration-data", help="Dataset spec for int8 calibration and the int8 or bf16 accuracy check (default: the training data)")] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Export raw logits; by default a calibrated model's graph outputs logits / temperature (the calibration is recorded either way)")] = False,
 ) -> None:
     """Export a checkpoint to ONNX, TorchScript or an AOTInductor package, checked against the eager float32 model
     at batch 1 and N (float32: fails when confidences differ by more than 1e-4, or logits by more than 1e-4 of the
-    largest logit; bf16: 0.1, and its accuracy change is measured)."""
+    largest logit; bf16: 0.1, and its accuracy change is measured). A calibrated model's graph outputs calibrated
+    logits (logits / temperature) unless --raw."""
     from resnetlab.api.functions import export as export_model
 
     result = export_model(checkpoint, export_format, out, dynamic_batch=dynamic_batch, quantize=quantize,
                           precision=precision, opset=opset, parity_batch=parity_batch,
-                          calibration_data=calibration_data).result
+                          calibration_data=calibration_data, raw=raw).result
     probabilities = max(p.max_abs_probabilities for p in result.parity)
     logits = max(p.max_abs_logits for p in result.parity)
+    scale = (f"logits / temperature {result.temperature_applied:.4g}" if result.temperature_applied is not None
+             else "raw logits")
     typer.echo(f"largest difference from the eager model: probabilities {probabilities:.2e}, logits {logits:.2e} "
-               f"(batch {', '.join(str(p.batch_size) for p in result.parity)}) -> {result.out_dir}")
+               f"(batch {', '.join(str(p.batch_size) for p in result.parity)}; the graph outputs {scale}) -> "
+               f"{result.out_dir}")
 
 
 def serve(
@@ -62,8 +77,14 @@ def serve(
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar=API_KEY_ENVIRONMENT, show_envvar=True, help="Require this key (Authorization: Bearer KEY or X-API-Key: KEY) on /predict, /model and /metrics; prefer the environment variable, which other users cannot read in the process list")] = None,
     cors_origin: Annotated[Optional[list[str]], typer.Option("--cors-origin", help="An origin (https://host:port) whose pages may call the API from a browser; repeatable; CORS is off without it")] = None,
     docs: Annotated[bool, typer.Option("--docs", help="Serve FastAPI's /docs, /redoc and /openapi.json")] = False,
+    raw: RawOption = False,
+    coverage: CoverageOption = None,
+    max_error: MaxErrorOption = None,
+    threshold: ThresholdOption = None,
+    accept_all: AcceptAllOption = False,
 ) -> None:
-    """Serve the model over HTTP: a web page at /, POST /predict, GET /health, GET /model and GET /metrics."""
+    """Serve the model over HTTP: a web page at /, POST /predict, GET /health, GET /model and GET /metrics. Answers
+    below the operating point are returned as unknown, with their best guess and the reason."""
     from resnetlab.deployment.service import serve as run_service
     from resnetlab.deployment.service_settings import ServiceSettings
 
@@ -73,8 +94,9 @@ def serve(
         fail(f"--port {port}: choose 1-65535")
     if max_upload_mb <= 0:
         fail("--max-upload-mb must be positive")
+    answers = answer_options(raw, coverage, max_error, threshold, accept_all)
     settings = ServiceSettings(max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_image_pixels=max_image_pixels,
                                max_concurrency=max_concurrency, max_queue=max_queue, request_timeout=request_timeout,
                                api_key=api_key, cors_origins=tuple(cors_origin or ()), docs=docs)
     run_service(source, host=host, port=port, workers=workers, backend=backend, precision=precision,
-                settings=settings, log=lambda m: typer.echo(m, err=True))
+                settings=settings, answers=answers, log=lambda m: typer.echo(m, err=True))

@@ -18,6 +18,11 @@ from resnetlab.cli import bench_cmd, data_cmd, deploy_cmd, runs_cmd, tune_cmd
 from resnetlab.cli.logging_setup import console_logging
 from resnetlab.cli.options import (
     BACKEND_HELP,
+    AcceptAllOption,
+    CoverageOption,
+    MaxErrorOption,
+    RawOption,
+    ThresholdOption,
     DATA,
     MODEL,
     OUTPUT,
@@ -33,6 +38,7 @@ from resnetlab.cli.options import (
     QuietOption,
     RecipeOption,
     SeedOption,
+    answer_options,
     fail,
 )
 from resnetlab.errors import ResnetlabError
@@ -175,8 +181,14 @@ def predict(
     tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation as `evaluate --tta`: 5 crops, and mirror images where the training augmentation flips")] = False,
     backend: Annotated[str, typer.Option("--backend", help=BACKEND_HELP)] = "auto",
     precision: Annotated[str, typer.Option("--precision", help=PRECISION_HELP)] = "auto",
+    raw: RawOption = False,
+    coverage: CoverageOption = None,
+    max_error: MaxErrorOption = None,
+    threshold: ThresholdOption = None,
+    accept_all: AcceptAllOption = False,
 ) -> None:
-    """Predict the classes of images, with confidences. Exit code 1 if any file could not be read."""
+    """Predict the classes of images, with calibrated confidences; an answer below the operating point is shown as
+    unknown, with its best guess. Exit code 1 if any file could not be read (an unknown answer is not an error)."""
     from resnetlab.cli.inputs import expand_inputs
     from resnetlab.api.classifier import load
     from resnetlab.deployment.predictor import BACKEND_CHOICES
@@ -190,13 +202,16 @@ def predict(
         fail("--batch-size must be at least 1")
     if backend not in BACKEND_CHOICES:
         fail(f"--backend '{backend}': choose {', '.join(BACKEND_CHOICES)}")
+    answers = answer_options(raw, coverage, max_error, threshold, accept_all)
     paths = expand_inputs(inputs)
     if not paths:
         fail(f"no image files found in {' '.join(inputs)}")
     # rl.load's classifier, whose predictor also goes on past unreadable files (the API's predict stops on them)
-    predictor = load(checkpoint, backend=backend, precision=precision).predictor
+    predictor = load(checkpoint, backend=backend, precision=precision, raw=answers.raw, coverage=answers.coverage,
+                     max_error=answers.max_error, threshold=answers.threshold,
+                     accept_all=answers.accept_all).predictor
     results = predictor.predict_paths(paths, topk=topk, batch_size=batch_size, tta=tta)
-    print_predictions(results, output_format)
+    print_predictions(results, output_format, answers=predictor.describe_answers())
     failed = [r for r in results if r.error]
     for r in failed:
         typer.echo(f"error: {r.error}", err=True)

@@ -35,6 +35,27 @@ BACKEND_HELP = ("auto (ONNX Runtime in float32, an AOTInductor package in bf16; 
                 "the cache), torch, onnxruntime, torchscript or aoti")
 
 
+# How `predict` and `serve` compute confidences and withhold answers (deployment.predictor.AnswerOptions).
+ANSWERS = "Calibration and unknown answers"
+RawOption = Annotated[bool, typer.Option("--raw", help="Uncalibrated confidences: no temperature, and no operating point unless --threshold", rich_help_panel=ANSWERS)]
+CoverageOption = Annotated[Optional[float], typer.Option("--coverage", help="Operating point keeping this fraction of in-domain validation images (e.g. 0.95); the rest answer 'unknown'", rich_help_panel=ANSWERS)]
+MaxErrorOption = Annotated[Optional[float], typer.Option("--max-error", help="Operating point with at most this error among accepted validation images (e.g. 0.01)", rich_help_panel=ANSWERS)]
+ThresholdOption = Annotated[Optional[float], typer.Option("--threshold", help="Answer 'unknown' below this confidence (0-1)", rich_help_panel=ANSWERS)]
+AcceptAllOption = Annotated[bool, typer.Option("--accept-all", help="Never answer 'unknown' (default: the operating point stored with the calibration)", rich_help_panel=ANSWERS)]
+
+
+def answer_options(raw: bool, coverage, max_error, threshold, accept_all: bool):
+    """The flags above as the library's AnswerOptions; a bad combination is one line and exit code 2."""
+    from resnetlab.deployment.predictor import AnswerOptions
+    from resnetlab.errors import ConfigError
+
+    try:
+        return AnswerOptions(raw=raw, coverage=coverage, max_error=max_error, threshold=threshold,
+                             accept_all=accept_all)
+    except ConfigError as err:
+        fail(str(err))
+
+
 def data_tool_config(spec: str | None, recipe: str | None, overrides: list[str] | None):
     """The run config these tools look at the data through: a recipe (default: none, i.e. the config defaults),
     then --data, then KEY=VALUE overrides, exactly as `resnetlab train` resolves them."""

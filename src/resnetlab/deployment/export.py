@@ -16,6 +16,11 @@ recorded. A bf16 package is held to a bf16 tolerance (0.1) against the same floa
 layer or normalization but not the rounding bf16 is chosen for; what that rounding costs is measured on real images
 when there are any (top-1 change and agreement with float32) and recorded beside the parity.
 Files are staged in a hidden folder inside ``out_dir`` and moved into place only when all checks pass.
+
+A calibrated checkpoint (one with ``meta["calibration"]``) is exported as :class:`TemperatureScaled`: the graph
+outputs ``logits / T``, so a runtime's plain softmax gives the calibrated confidences, and the record says so in
+``output.temperature_applied``; the parity reference is the same scaled eager model. ``raw=True`` exports the raw
+logits instead (``temperature_applied`` null), with the calibration still recorded for the runtime to apply.
 """
 
 from __future__ import annotations
@@ -127,6 +132,23 @@ class ExportResult:
     parity: list[ParityResult]
     quantization: dict[str, Any] | None = None
     accuracy_change: dict[str, Any] | None = None
+    temperature_applied: float | None = None  # what the graph divides its logits by (None: raw logits)
+
+
+class TemperatureScaled(nn.Module):
+    """``model(x) / temperature``: the calibrated logits, whose softmax is the confidence a user should see.
+
+    Exported in place of the model itself, so that any runtime's softmax over the graph's output is already
+    calibrated. The temperature is a Python float, which the exporters fold into the graph as a constant.
+    """
+
+    def __init__(self, model: nn.Module, temperature: float):
+        super().__init__()
+        self.model = model
+        self.temperature = float(temperature)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) / self.temperature
 
 
 def parity_images(prep: Preprocessing, batch_size: int, seed: int = 0) -> torch.Tensor:
@@ -218,7 +240,14 @@ def export_aotinductor(model: nn.Module, path: Path, input_size: int, *, precisi
     """
     import torch._inductor
 
-    module = Bf16Inference(model) if precision == "bf16" else copy.deepcopy(model).eval()
+    if precision == "bf16":
+        # Bf16Inference splits the classifier off the body: it takes the bare model, the temperature goes around it
+        if isinstance(model, TemperatureScaled):
+            module: nn.Module = TemperatureScaled(Bf16Inference(model.model), model.temperature)
+        else:
+            module = Bf16Inference(model)
+    else:
+        module = copy.deepcopy(model).eval()
     # A batch of 2: an example of size 1 would be specialized to a constant by torch.export.
     example = torch.zeros(2, 3, input_size, input_size)
     batch = torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)
@@ -249,11 +278,13 @@ def cpu_vector_isa() -> str | None:
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, fmt: str = "onnx", dynamic_batch: bool = False,
                       opset: int = DEFAULT_OPSET, parity_batch: int = DEFAULT_PARITY_BATCH, atol: float | None = None,
                       quantize: str | None = None, calibration_data: str | None = None, precision: str = "float32",
-                      measure_accuracy: bool = True, log: Callable[[str], None] = _logger.info) -> ExportResult:
+                      measure_accuracy: bool = True, raw: bool = False,
+                      log: Callable[[str], None] = _logger.info) -> ExportResult:
     """Export a checkpoint (file or run directory) into ``out_dir``; see the module docstring.
 
     ``precision="bf16"`` needs ``fmt="aoti"``. ``measure_accuracy=False`` skips a bf16 package's accuracy check on
-    real images (the parity check always runs).
+    real images (the parity check always runs). A calibrated checkpoint's graph outputs ``logits / T`` unless
+    ``raw``; a checkpoint without calibration exports its raw logits either way.
     """
     from resnetlab.checkpoint import load_checkpoint, model_from_checkpoint, preprocessing_from_meta
 
@@ -264,6 +295,13 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, fmt: str =
     model, meta = model_from_checkpoint(load_checkpoint(checkpoint_file))
     prep = preprocessing_from_meta(meta)
     record = record_from_meta(meta, checkpoint_sha256=file_sha256(checkpoint_file))
+    calibration = meta.get("calibration")
+    temperature = None if raw or not calibration else float(calibration["temperature"])
+    if temperature is not None:
+        model = TemperatureScaled(model, temperature).eval()
+        log(f"the exported graph divides its logits by the calibrated temperature {temperature:.4g} (raw logits: "
+            "export with --raw)")
+    record["output"]["temperature_applied"] = temperature
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".export-"))
@@ -281,7 +319,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, fmt: str =
         (staging / RECORD_FILE).replace(out_dir / RECORD_FILE)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    result.out_dir, result.model_path = out_dir, final_model
+    result.out_dir, result.model_path, result.temperature_applied = out_dir, final_model, temperature
     log(f"wrote {final_model} and {out_dir / RECORD_FILE}")
     return result
 
@@ -350,7 +388,10 @@ def _export_into(staging: Path, model: nn.Module, meta: dict, prep: Preprocessin
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "torch_version": str(torch.__version__),
         "cpu_isa": cpu_vector_isa() if fmt == "aoti" else None,
-        "parity": {"reference": "eager float32 model from the checkpoint", "inputs": "random uint8 images, normalized",
+        "parity": {"reference": "eager float32 model from the checkpoint"
+                   + (", its logits divided by the same temperature" if record["output"]["temperature_applied"]
+                      else ""),
+                   "inputs": "random uint8 images, normalized",
                    "tolerance": {"probabilities": atol, "logits": f"{atol:g} x max(1, largest |logit|)"},
                    "checks": [asdict(p) for p in parity],
                    "checked_model": "the float32 model before int8 quantization" if quantize else "this model"},

@@ -12,6 +12,14 @@ The default (backend and precision ``auto``) is the fastest path for the model o
 float32 path (figures: ``docs/benchmarks.md``). A checkpoint is exported on first use (parity-checked like
 ``resnetlab export``) into a cache folder keyed by the checkpoint's hash; if that fails, prediction falls back (bf16
 to float32, ONNX Runtime to eager torch) and says so. ``precision="float32"`` or ``"bf16"`` overrides the choice.
+
+Calibrated answers. When the record carries a calibration (``meta["calibration"]``, copied into every export), the
+confidences are ``softmax(logits / T)``: the predictor divides by the temperature itself unless the exported graph
+already did (``output.temperature_applied``), never twice. Each answer is then held against an operating point
+(:class:`AnswerOptions`: the stored one by default, or one chosen now by ``coverage``, ``max_error`` or a
+``threshold``); one below it is marked ``unknown`` with the reason, and its best guess is still reported. ``raw``
+gives the uncalibrated confidences, and no operating point unless a ``threshold`` is given (the stored one was
+chosen on calibrated confidences and means nothing on raw ones).
 """
 
 from __future__ import annotations
@@ -42,7 +50,8 @@ from resnetlab.deployment.records import (
     read_export_record,
     record_from_meta,
 )
-from resnetlab.errors import CheckpointError, DataError, ExportError
+from resnetlab.errors import CheckpointError, ConfigError, DataError, ExportError
+from resnetlab.evaluation.selective import ACCEPT_ALL, OperatingPoint, operating_point_from_record
 
 BACKEND_CHOICES = ("auto", "torch", "onnxruntime", "torchscript", "aoti")
 PRECISIONS = ("auto", "float32", "bf16")
@@ -51,20 +60,94 @@ RUNTIME_FORMATS = {runtime: fmt for fmt, runtime in EXPORT_RUNTIMES.items()}
 FORMAT_ARTICLES = {"onnx": "an ONNX", "torchscript": "a TorchScript", "aoti": "an AOTInductor"}
 
 
+@dataclass(frozen=True)
+class AnswerOptions:
+    """How confidences are computed and which answers are withheld: the flags ``--raw``, ``--coverage``,
+    ``--max-error``, ``--threshold`` and ``--accept-all`` of ``predict`` and ``serve``.
+
+    By default the confidences are calibrated (when the model has a temperature) and the operating point is the one
+    stored with the calibration. ``coverage`` or ``max_error`` choose another on the stored validation
+    risk-coverage curve; ``threshold`` sets one directly; ``accept_all`` withholds nothing. At most one of these
+    four may be given. ``raw`` reports the uncalibrated softmax and accepts every answer unless a ``threshold`` is
+    given: the stored operating point is a threshold on calibrated confidences.
+    """
+
+    raw: bool = False
+    coverage: float | None = None
+    max_error: float | None = None
+    threshold: float | None = None
+    accept_all: bool = False
+
+    def __post_init__(self) -> None:
+        chosen = [flag for flag, value in (("--coverage", self.coverage), ("--max-error", self.max_error),
+                                           ("--threshold", self.threshold)) if value is not None]
+        if self.accept_all:
+            chosen.append("--accept-all")
+        if len(chosen) > 1:
+            raise ConfigError(f"{' and '.join(chosen)}: give at most one way to choose the operating point")
+        if self.coverage is not None and not 0 < self.coverage <= 1:
+            raise ConfigError(f"--coverage {self.coverage}: give the fraction of in-domain images to keep, in (0, 1]")
+        if self.max_error is not None and not 0 <= self.max_error < 1:
+            raise ConfigError(f"--max-error {self.max_error}: give the error allowed among accepted answers, in "
+                              "[0, 1)")
+        if self.threshold is not None and not 0 <= self.threshold <= 1:
+            raise ConfigError(f"--threshold {self.threshold}: give a confidence in [0, 1]")
+        if self.raw and (self.coverage is not None or self.max_error is not None):
+            raise ConfigError("--raw with --coverage or --max-error: the validation curve is one of calibrated "
+                              "confidences; drop --raw, or give a --threshold on raw confidences")
+
+    def temperature(self, record: dict[str, Any]) -> float | None:
+        """The temperature the confidences are computed at (None: raw logits)."""
+        calibration = record.get("calibration")
+        return None if self.raw or not calibration else float(calibration["temperature"])
+
+    def operating_point(self, record: dict[str, Any], source: str = "the model") -> OperatingPoint:
+        if self.accept_all:
+            return ACCEPT_ALL
+        if self.raw and self.threshold is None:
+            return ACCEPT_ALL
+        try:
+            return operating_point_from_record(record.get("calibration"), coverage=self.coverage,
+                                               max_error=self.max_error, threshold=self.threshold)
+        except ValueError as err:
+            flag = "--coverage" if self.coverage is not None else "--max-error"
+            raise ConfigError(f"{flag} with '{source}': {err}") from None
+
+    def to_environment(self) -> dict[str, str]:
+        """The options as strings, for a service's worker processes (:meth:`from_environment` reads them)."""
+        values = {"RAW": "1" if self.raw else "0", "ACCEPT_ALL": "1" if self.accept_all else "0"}
+        for key, value in (("COVERAGE", self.coverage), ("MAX_ERROR", self.max_error), ("THRESHOLD", self.threshold)):
+            if value is not None:
+                values[key] = repr(float(value))
+        return values
+
+    @classmethod
+    def from_environment(cls, get: Callable[[str], str | None]) -> AnswerOptions:
+        number = lambda key: None if get(key) is None else float(get(key))  # noqa: E731
+        return cls(raw=get("RAW") == "1", accept_all=get("ACCEPT_ALL") == "1", coverage=number("COVERAGE"),
+                   max_error=number("MAX_ERROR"), threshold=number("THRESHOLD"))
+
+
 @dataclass
 class Prediction:
     path: str
-    classes: list[str] = field(default_factory=list)  # top-k class names, most likely first
+    classes: list[str] = field(default_factory=list)  # top-k class names, most likely first (the best guess)
     class_ids: list = field(default_factory=list)
     indices: list[int] = field(default_factory=list)
-    confidences: list[float] = field(default_factory=list)
+    confidences: list[float] = field(default_factory=list)  # calibrated when the model has a temperature
     error: str | None = None
+    confidence: float | None = None  # the best guess's (maximum calibrated) probability
+    energy: float | None = None  # -T logsumexp(logits / T) at the applied temperature: lower is more familiar
+    unknown: bool = False  # the confidence is below the operating point: the best guess is withheld
+    reason: str | None = None  # why, in words, when unknown
 
     def to_dict(self) -> dict:
         if self.error:
             return {"path": self.path, "error": self.error}
-        return {"path": self.path, "top": [{"class": c, "class_id": cid, "index": i, "confidence": p}
-                                           for c, cid, i, p in zip(self.classes, self.class_ids, self.indices, self.confidences)]}
+        return {"path": self.path, "unknown": self.unknown, "reason": self.reason, "confidence": self.confidence,
+                "energy": self.energy,
+                "top": [{"class": c, "class_id": cid, "index": i, "confidence": p}
+                        for c, cid, i, p in zip(self.classes, self.class_ids, self.indices, self.confidences)]}
 
 
 @contextlib.contextmanager
@@ -85,7 +168,8 @@ class Predictor:
     """A backend plus the deployment record (classes, preprocessing, output kind) it was made from."""
 
     def __init__(self, backend: InferenceBackend, record: dict[str, Any], *, source: str = "",
-                 micro_batch: int | None = None, artifact_dir: Path | None = None):
+                 micro_batch: int | None = None, artifact_dir: Path | None = None,
+                 answers: AnswerOptions | None = None):
         self.backend = backend
         self.record = record
         self.source = source
@@ -98,6 +182,15 @@ class Predictor:
         self.mean = torch.as_tensor(self.prep.mean, dtype=torch.float32)
         self.std = torch.as_tensor(self.prep.std, dtype=torch.float32)
         self.micro_batch = micro_batch or preferred_batch(self.prep.input_size)
+        # what the graph already divides its logits by (an export's record says; a checkpoint's model: nothing)
+        self.graph_temperature: float | None = record["output"].get("temperature_applied")
+        self.set_answers(answers or AnswerOptions())
+
+    def set_answers(self, answers: AnswerOptions) -> None:
+        """Apply other :class:`AnswerOptions` from now on (the operating point is chosen here, once)."""
+        self.answers = answers
+        self.temperature = answers.temperature(self.record)
+        self.operating_point = answers.operating_point(self.record, self.source or "the model")
 
     # -- images -> uint8 model inputs (the evaluation's own code) ---------------------------------------------------
 
@@ -110,29 +203,67 @@ class Predictor:
 
     # -- uint8 batch -> probabilities ------------------------------------------------------------------------------
 
-    def outputs(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalized float32 batch -> the model's outputs (logits for every resnetlab model), in micro-batches."""
+    def backend_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalized float32 batch -> what the backend's graph returns, in micro-batches."""
         chunks = [self.backend.run(x[start : start + self.micro_batch]) for start in range(0, len(x), self.micro_batch)]
         return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
 
-    def _probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        outputs = self.outputs(x)
-        return outputs.softmax(dim=1) if self.output_kind == "logits" else outputs
+    def outputs(self, x: torch.Tensor, temperature: float | None | str = "default") -> torch.Tensor:
+        """Normalized float32 batch -> logits divided by ``temperature`` (default: the applied one; None: raw), so
+        that their softmax is the confidence reported, whichever graph computed them.
+
+        The graph's own division is taken into account: a calibrated export at the applied temperature is returned
+        as it is (exactly what it computed), a raw one is divided here, and a calibrated one asked for raw logits
+        is multiplied back. An export whose output is probabilities gives log-probabilities, which differ from its
+        logits by a constant per image and so have the same softmax at any temperature.
+        """
+        if temperature == "default":
+            temperature = self.temperature
+        outputs = self.backend_outputs(x)
+        if self.output_kind != "logits":
+            return outputs.clamp_min(torch.finfo(outputs.dtype).tiny).log() / (temperature or 1.0)
+        if self.graph_temperature == temperature:
+            return outputs
+        if self.graph_temperature is not None:
+            outputs = outputs * self.graph_temperature
+        return outputs / temperature if temperature is not None else outputs
+
+    def _scores(self, x: torch.Tensor, temperature: float | None,
+                energy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Probabilities and (unless ``energy`` is False) energies of a normalized batch at ``temperature``."""
+        logits = self.outputs(x, temperature)
+        if energy and self.output_kind == "logits":
+            # the energy -T logsumexp(logits / T) of Liu et al. (2020), from the logits already divided by T
+            return logits.softmax(dim=1), -(temperature or 1.0) * torch.logsumexp(logits.double(), dim=1)
+        return logits.softmax(dim=1), None
+
+    def scores(self, batch_uint8: torch.Tensor, *, tta: bool = False, temperature: float | None | str = "default",
+               energy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """uint8 [B, 3, S, S] -> (probabilities [B, C] float32, energies [B] float64, or None for a model whose
+        output is probabilities or with ``energy=False``), at ``temperature`` (default: the applied one). ``tta``
+        averages both over the test-time augmentation views."""
+        if temperature == "default":
+            temperature = self.temperature
+        with self._torch_thread_scope():
+            x = normalize(batch_uint8, self.mean, self.std)
+            if not tta:
+                return self._scores(x, temperature, energy)
+            from resnetlab.evaluation.tta import tta_views
+
+            views = tta_views(x, flip=self.record.get("test_time_flip") is True, crops=True)
+            per_view = [self._scores(view, temperature, energy) for view in views]
+            probabilities = torch.stack([p for p, _ in per_view]).mean(dim=0)
+            energies = None if per_view[0][1] is None else torch.stack([e for _, e in per_view]).mean(dim=0)
+            return probabilities, energies
 
     def probabilities(self, batch_uint8: torch.Tensor, *, tta: bool = False) -> torch.Tensor:
-        """uint8 [B, 3, S, S] (as :meth:`prepare` makes) -> class probabilities [B, C], float32.
+        """uint8 [B, 3, S, S] (as :meth:`prepare` makes) -> class probabilities [B, C], float32, calibrated when
+        the model has a temperature (unless ``raw``).
 
         ``tta`` averages the softmax over the views ``evaluate --tta`` uses (:mod:`resnetlab.evaluation.tta`): the
         image, four corner crops, and their mirror images only where the model was trained with flips.
         """
-        with self._torch_thread_scope():
-            x = normalize(batch_uint8, self.mean, self.std)
-            if not tta:
-                return self._probabilities(x)
-            from resnetlab.evaluation.tta import tta_views
-
-            views = tta_views(x, flip=self.record.get("test_time_flip") is True, crops=True)
-            return torch.stack([self._probabilities(view) for view in views]).mean(dim=0)
+        return self.scores(batch_uint8, tta=tta, energy=False)[0]
 
     def _torch_thread_scope(self):
         """One torch thread around a call whose model runs on another runtime's thread pool.
@@ -149,9 +280,14 @@ class Predictor:
     # -- whole predictions ---------------------------------------------------------------------------------------
 
     def predict_tensors(self, batch_uint8: torch.Tensor, names: Sequence[str], *, topk: int = 5,
-                        tta: bool = False) -> list[Prediction]:
-        probs = self.probabilities(batch_uint8, tta=tta)
-        return [self._fill(Prediction(name), row, topk) for name, row in zip(names, probs)]
+                        tta: bool = False, answers: AnswerOptions | None = None) -> list[Prediction]:
+        """Predictions of a uint8 batch; ``answers`` overrides this predictor's :class:`AnswerOptions` for the call."""
+        temperature, point = self.temperature, self.operating_point
+        if answers is not None:
+            temperature, point = answers.temperature(self.record), answers.operating_point(self.record, self.source)
+        probs, energy = self.scores(batch_uint8, tta=tta, temperature=temperature)
+        return [self._fill(Prediction(name), row, topk, point, None if energy is None else float(energy[i]))
+                for i, (name, row) in enumerate(zip(names, probs))]
 
     def predict_paths(self, paths: list[str], *, topk: int = 5, batch_size: int = 64,
                       tta: bool = False) -> list[Prediction]:
@@ -170,18 +306,32 @@ class Predictor:
         order = {p: i for i, p in enumerate(paths)}
         return sorted(results, key=lambda r: order[r.path])
 
-    def _fill(self, prediction: Prediction, probs: torch.Tensor, topk: int) -> Prediction:
+    def _fill(self, prediction: Prediction, probs: torch.Tensor, topk: int, point: OperatingPoint,
+              energy: float | None) -> Prediction:
         values, indices = probs.topk(min(topk, len(self.class_names)))
         prediction.indices = indices.tolist()
         prediction.classes = [self.class_names[i] for i in prediction.indices]
         prediction.class_ids = [self.class_ids[i] for i in prediction.indices]
         prediction.confidences = [round(float(v), 6) for v in values]
+        confidence = float(values[0])  # decided unrounded: a rounded value could cross the threshold
+        prediction.confidence = prediction.confidences[0]
+        prediction.energy = None if energy is None else round(energy, 6)
+        prediction.unknown = not point.accepts(confidence)
+        prediction.reason = point.reason(confidence) if prediction.unknown else None
         return prediction
+
+    def describe_answers(self) -> dict[str, Any]:
+        """How confidences are computed and answers withheld, for ``GET /model``, responses and logs."""
+        return {"temperature": self.temperature, "temperature_in_graph": self.graph_temperature,
+                "raw": self.answers.raw, "calibrated": self.temperature is not None,
+                "operating_point": {**self.operating_point.to_dict(),
+                                    "description": self.operating_point.describe()}}
 
     def describe(self) -> dict[str, Any]:
         """The deployment record plus how this process runs it (for ``GET /model`` and logs)."""
-        return {**self.record, "runtime": {**self.backend.describe(), "micro_batch": self.micro_batch,
-                                           "source": self.source, "precision_chosen_because": self.chosen_because}}
+        return {**self.record, "answers": self.describe_answers(),
+                "runtime": {**self.backend.describe(), "micro_batch": self.micro_batch, "source": self.source,
+                            "precision_chosen_because": self.chosen_because}}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -191,7 +341,7 @@ class Predictor:
 
 def load_predictor(source: str | Path, *, backend: str = "auto", threads: int | None = None, device: str = "cpu",
                    precision: str = "auto", cache_root: Path | None = None,
-                   log: Callable[[str], None] | None = None) -> Predictor:
+                   log: Callable[[str], None] | None = None, answers: AnswerOptions | None = None) -> Predictor:
     """A predictor for a checkpoint (file or run directory) or an export folder.
 
     backend: ``auto`` (an export's own runtime; for a checkpoint, ONNX Runtime in float32 and an AOTInductor
@@ -205,7 +355,10 @@ def load_predictor(source: str | Path, *, backend: str = "auto", threads: int | 
         instructions; ``--backend torch``: eager bf16 autocast), with confidences that differ from float32 by up to a few
         hundredths on uncertain images (measured on gtsrb-dev and imagenette-dev). An export runs in the precision
         it was made in.
+    answers: calibrated or raw confidences and the operating point (:class:`AnswerOptions`; default: calibrated,
+        the stored operating point). A checkpoint's cached export is one of raw logits when ``answers.raw``.
     """
+    answers = answers or AnswerOptions()
     if backend not in BACKEND_CHOICES:
         raise CheckpointError(f"--backend '{backend}': choose one of {', '.join(BACKEND_CHOICES)}")
     if precision not in PRECISIONS:
@@ -217,7 +370,7 @@ def load_predictor(source: str | Path, *, backend: str = "auto", threads: int | 
             raise CheckpointError(f"'{path}' is a {made_in} export, and an export runs in the precision it was "
                                   f"made in; for {precision} pass the checkpoint, or export it again with "
                                   f"{'--format aoti --precision bf16' if precision == 'bf16' else '--format onnx'}")
-        return _load_export(path, backend, threads)
+        return _load_export(path, backend, threads, answers)
     checkpoint_file = checkpoint_file_of(path)
     if backend == "torchscript":
         raise CheckpointError(f"--backend torchscript runs a TorchScript export; make one with `resnetlab export "
@@ -243,9 +396,10 @@ def load_predictor(source: str | Path, *, backend: str = "auto", threads: int | 
     if backend in ("onnxruntime", "aoti"):
         fmt = "onnx" if backend == "onnxruntime" else "aoti"
         try:
-            folder = cached_export(checkpoint_file, fmt=fmt, precision=precision, cache_root=cache_root, log=log)
-            predictor = _load_export(folder, backend, threads)
-            predictor.source, predictor.chosen_because = str(checkpoint_file), chosen_because
+            folder = cached_export(checkpoint_file, fmt=fmt, precision=precision, raw=answers.raw,
+                                   cache_root=cache_root, log=log)
+            predictor = _load_export(folder, backend, threads, answers, source=checkpoint_file)
+            predictor.chosen_because = chosen_because
             return predictor
         except ExportError as err:
             if asked_for != "auto":
@@ -255,7 +409,7 @@ def load_predictor(source: str | Path, *, backend: str = "auto", threads: int | 
                 if log is not None:
                     log(f"note: {err}; predicting in float32 instead")
                 return load_predictor(checkpoint_file, threads=threads, device=device, precision="float32",
-                                      cache_root=cache_root, log=log)
+                                      cache_root=cache_root, log=log, answers=answers)
             if log is not None:
                 log(f"note: {err}; predicting with eager torch instead")
     from resnetlab.checkpoint import load_checkpoint, model_from_checkpoint
@@ -265,10 +419,11 @@ def load_predictor(source: str | Path, *, backend: str = "auto", threads: int | 
         torch.set_num_threads(threads)
     record = record_from_meta(meta, checkpoint_sha256=file_sha256(checkpoint_file))
     engine = TorchBackend(model, device=_device(device), precision=precision, channels_last=precision == "bf16")
-    return Predictor(engine, record, source=str(checkpoint_file))
+    return Predictor(engine, record, source=str(checkpoint_file), answers=answers)
 
 
-def _load_export(folder: Path, backend: str, threads: int | None) -> Predictor:
+def _load_export(folder: Path, backend: str, threads: int | None, answers: AnswerOptions,
+                 source: Path | None = None) -> Predictor:
     record = read_export_record(folder)
     artifact = record["artifact"]
     runtime = EXPORT_RUNTIMES.get(artifact["format"])
@@ -288,7 +443,7 @@ def _load_export(folder: Path, backend: str, threads: int | None) -> Predictor:
             torch.set_num_threads(threads)
         engine = (AotInductorBackend(model_file, precision=precision) if runtime == "aoti"
                   else TorchScriptBackend(model_file))
-    return Predictor(engine, record, source=str(folder), artifact_dir=folder)
+    return Predictor(engine, record, source=str(source or folder), artifact_dir=folder, answers=answers)
 
 
 def _device(device: str) -> str:

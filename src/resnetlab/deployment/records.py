@@ -10,7 +10,8 @@ so ``GET /model``, ``predict`` and ``export`` all read one shape of data::
                        "roi_crop": true, "mean": [...], "std": [...], "channel_order": "RGB",
                        "contrast": "none"},   # or "equalize"/"autocontrast": the luminance, per image, before resizing
      "input": {"name": "input", "shape": ["batch", 3, 32, 32], "dtype": "float32", "layout": "NCHW", ...},
-     "output": {"name": "logits", "kind": "logits"},
+     "output": {"name": "logits", "kind": "logits", "temperature_applied": 1.37},   # null: the graph emits raw logits
+     "calibration": {"temperature": 1.37, "operating_point": {...}, ...},   # the checkpoint's, or null
      "test_time_flip": false,
      "artifact": {"format": "onnx", "file": "model.onnx", "precision": "float32", "parity": {...}}}   # exports only
 """
@@ -22,10 +23,11 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from resnetlab._version import __version__
 from resnetlab.checkpoint import (
+    CalibrationRecord,
     ClassesRecord,
     PreprocessingRecord,
     StrictRecord,
@@ -81,7 +83,10 @@ def record_from_meta(meta: dict[str, Any], *, checkpoint_sha256: str | None = No
         "preprocessing": prep.to_dict(),
         "input": {"name": INPUT_NAME, "shape": ["batch", 3, size, size], "dtype": "float32", "layout": "NCHW",
                   "scaling": SCALING},
-        "output": {"name": OUTPUT_NAME, "kind": meta.get("output", "logits")},
+        # A checkpoint's model emits raw logits; an export that divides by the temperature in its graph says so here.
+        "output": {"name": OUTPUT_NAME, "kind": meta.get("output", "logits"), "temperature_applied": None},
+        # Carried even into a raw export, so that a runtime reading it can apply the temperature and operating point.
+        "calibration": meta.get("calibration"),
         "test_time_flip": _horizontal_flip_in_training(meta),
         "source": {"checkpoint_sha256": checkpoint_sha256, "data": (meta.get("data") or {}).get("spec")},
     }
@@ -135,6 +140,8 @@ def read_export_record(folder: str | Path) -> dict[str, Any]:
 class OutputRecord(StrictRecord):
     name: str = OUTPUT_NAME
     kind: Literal["logits", "probabilities"]
+    # The temperature the exported graph already divides its logits by (None: it emits raw logits).
+    temperature_applied: float | None = Field(None, gt=0, allow_inf_nan=False)
 
 
 class ArtifactRecord(StrictRecord):
@@ -159,3 +166,20 @@ class ExportRecord(StrictRecord):
     output: OutputRecord
     artifact: ArtifactRecord
     test_time_flip: bool | None = None
+    calibration: CalibrationRecord | None = None
+
+    @model_validator(mode="after")
+    def _temperature_is_the_calibrated_one(self) -> ExportRecord:
+        # A predictor decides from these two entries whether to divide by the temperature itself: they must agree,
+        # or it would apply the temperature twice or apply one that was never fitted.
+        applied = self.output.temperature_applied
+        if applied is None:
+            return self
+        if self.output.kind != "logits":
+            raise ValueError("output.temperature_applied is set on an output that is not logits")
+        if self.calibration is None:
+            raise ValueError("output.temperature_applied is set but there is no calibration record")
+        if abs(applied - self.calibration.temperature) > 1e-9 * self.calibration.temperature:
+            raise ValueError(f"output.temperature_applied {applied} differs from calibration.temperature "
+                             f"{self.calibration.temperature}")
+        return self

@@ -4,9 +4,12 @@
 ``GET /``          a page: choose or drop an image, see the top-5 classes with confidence bars and the latency
 ``POST /predict``  images as multipart (``file``, or several ``files``; any field name works) or JSON
                    (``{"image": BASE64}`` or ``{"images": [BASE64 | {"filename": ..., "data": BASE64}, ...]}``, data
-                   URLs accepted); ``?topk=N`` (default 5). Returns the top-k per image and the server-side latency.
+                   URLs accepted); ``?topk=N`` (default 5). Returns per image the top-k (best guess first), the
+                   calibrated ``confidence``, the ``energy`` score, ``unknown`` and its ``reason`` (an answer below
+                   the operating point is withheld, its best guess still listed), and the server-side latency.
 ``GET /health``    liveness: ``{"status": "ok", ...}``
-``GET /model``     the deployment record: model, classes, preprocessing, output kind, export parity, runtime, limits
+``GET /model``     the deployment record: model, classes, preprocessing, output kind, export parity, runtime, limits,
+                   and ``answers``: the temperature applied and the operating point
 ``GET /metrics``   Prometheus text format: requests by path and status, a latency histogram, rejects by reason,
                    requests in flight, predictions running and queued
 =================  =================================================================================================
@@ -67,7 +70,7 @@ from starlette.requests import ClientDisconnect
 from resnetlab._version import __version__
 from resnetlab.data.preprocessing import pil_to_uint8, resize_to_input
 from resnetlab.deployment.decode import UploadRejected, decode_upload
-from resnetlab.deployment.predictor import Predictor, load_predictor
+from resnetlab.deployment.predictor import AnswerOptions, Predictor, load_predictor
 from resnetlab.deployment.service_settings import ENVIRONMENT_PREFIX, ServiceSettings
 
 _logger = logging.getLogger(__name__)  # the default log of functions that take a `log` callable
@@ -420,6 +423,13 @@ def create_app(predictor: Predictor, settings: ServiceSettings | None = None, **
     model_lock = threading.Lock()
     description = predictor.describe()
     description["runtime"].pop("source", None)  # a path on the server: nothing a client needs to know
+    if description.get("calibration"):
+        # the validation curve (up to a thousand points) is the export's business; a client needs the summary
+        curve = description["calibration"].get("risk_coverage") or {}
+        description["calibration"] = {**description["calibration"],
+                                      "risk_coverage": {"points": len(curve.get("threshold", []))}}
+    answers = predictor.describe_answers()
+    point_summary = predictor.operating_point.to_dict()
     model_name = description["model"]["name"]
     expected_key = settings.api_key.encode() if settings.api_key else None
 
@@ -501,11 +511,15 @@ def create_app(predictor: Predictor, settings: ServiceSettings | None = None, **
             "backend": predictor.backend.name,
             "precision": predictor.backend.precision,
             "topk": job.topk,
+            "temperature": answers["temperature"],
+            "operating_point": answers["operating_point"],
             "latency_ms": {"total": round((finished - began) * 1000, 3),
                            "decode": round((decoded_at - began) * 1000, 3),
                            "queue": round((started - decoded_at) * 1000, 3),
                            "inference": round((finished - started) * 1000, 3)},
-            "predictions": [{"filename": p.path, "width": width, "height": height, "top": p.to_dict()["top"]}
+            "predictions": [{"filename": p.path, "width": width, "height": height, "unknown": p.unknown,
+                             "reason": p.reason, "confidence": p.confidence, "energy": p.energy,
+                             "operating_point": point_summary, "top": p.to_dict()["top"]}
                             for p, (width, height) in zip(predictions, sizes)],
         }
 
@@ -563,7 +577,9 @@ def app_from_environment() -> FastAPI:
     """The app of one uvicorn worker process (``--workers N``); the parent passes its settings in the environment."""
     get = lambda key: os.environ[ENVIRONMENT_PREFIX + key]  # noqa: E731
     predictor = load_predictor(get("SOURCE"), backend=get("BACKEND"), threads=int(get("THREADS")),
-                               precision=get("PRECISION"))
+                               precision=get("PRECISION"),
+                               answers=AnswerOptions.from_environment(lambda key: os.environ.get(
+                                   ENVIRONMENT_PREFIX + "ANSWERS_" + key)))
     return create_app(predictor, ServiceSettings.from_environment())
 
 
@@ -590,9 +606,10 @@ def uvicorn_log_config() -> dict[str, Any]:
 
 def serve(source: str | Path, *, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, backend: str = "auto",
           precision: str = "auto", settings: ServiceSettings | None = None, log: Callable[[str], None] = _logger.info,
-          **overrides: Any) -> None:
+          answers: AnswerOptions | None = None, **overrides: Any) -> None:
     """Serve ``source`` (checkpoint, run directory or export folder) until interrupted, with ``settings`` (or any of
-    their fields by name, e.g. ``max_upload_bytes=...``, ``api_key=...``)."""
+    their fields by name, e.g. ``max_upload_bytes=...``, ``api_key=...``); ``answers``: calibrated or raw
+    confidences and the operating point below which an answer is "unknown" (default: the stored one)."""
     import uvicorn
 
     from resnetlab.deployment.backends import default_threads
@@ -606,10 +623,16 @@ def serve(source: str | Path, *, host: str = "127.0.0.1", port: int = 8000, work
                 "clear, so put a TLS proxy in front")
     threads = default_threads(workers)
     # Load once here: a bad source fails before uvicorn starts, and a checkpoint is exported once, not per worker.
-    predictor = load_predictor(source, backend=backend, threads=threads, precision=precision, log=log)
+    answers = answers or AnswerOptions()
+    predictor = load_predictor(source, backend=backend, threads=threads, precision=precision, log=log,
+                               answers=answers)
     log(f"serving {predictor.source} with {predictor.backend.name} ({predictor.backend.precision}), "
         f"{workers} worker(s) x {threads} thread(s), on http://{host}:{port}/"
         f"{' (API key required)' if settings.api_key else ''}")
+    temperature = predictor.temperature
+    log(("confidences calibrated at temperature " + f"{temperature:.4g}" if temperature else
+         "raw confidences (no temperature applied)") + f"; operating point {predictor.operating_point.threshold:.3f}"
+        f" ({predictor.operating_point.describe()})")
     options = {"host": host, "port": port, "log_level": "info", "access_log": False,
                "log_config": uvicorn_log_config()}
     if workers == 1:
@@ -617,8 +640,12 @@ def serve(source: str | Path, *, host: str = "127.0.0.1", port: int = 8000, work
         return
     # A checkpoint's cached export was made above: the workers load that folder instead of exporting again.
     worker_source = str(predictor.artifact_dir or source)
+    for key in ("COVERAGE", "MAX_ERROR", "THRESHOLD"):  # absent means "not given": no value of an earlier call
+        os.environ.pop(ENVIRONMENT_PREFIX + "ANSWERS_" + key, None)
     os.environ.update({ENVIRONMENT_PREFIX + "SOURCE": worker_source,
                        ENVIRONMENT_PREFIX + "BACKEND": "auto" if worker_source != str(source) else backend,
                        ENVIRONMENT_PREFIX + "THREADS": str(threads),
-                       ENVIRONMENT_PREFIX + "PRECISION": precision, **settings.to_environment()})
+                       ENVIRONMENT_PREFIX + "PRECISION": precision, **settings.to_environment(),
+                       **{ENVIRONMENT_PREFIX + "ANSWERS_" + key: value
+                          for key, value in answers.to_environment().items()}})
     uvicorn.run("resnetlab.deployment.service:app_from_environment", factory=True, workers=workers, **options)
