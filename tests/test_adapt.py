@@ -95,6 +95,28 @@ def test_adapt_batchnorm_finds_the_mean_over_images_even_with_unequal_batches():
     assert model[1].momentum == 0.1 and not model.training  # settings restored, left in eval mode
 
 
+def test_a_prior_keeps_the_source_statistics_in_proportion_to_its_strength():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    source_mean = torch.randn(4)
+    source_var = torch.rand(4) + 0.5
+    model[1].running_mean.copy_(source_mean)
+    model[1].running_var.copy_(source_var)
+    data = torch.randn(10, 3, 8, 8) + 2
+    replaced = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    replaced.load_state_dict(model.state_dict())
+    adapt_batchnorm(replaced, [data[:6], data[6:]])  # AdaBN: the new statistics alone
+    seen = adapt_batchnorm(model, [data[:6], data[6:]], prior_strength=30)
+    assert seen == 10
+    weight = 30 / (30 + 10)  # the source counts as 30 images beside the 10 new ones
+    assert torch.allclose(model[1].running_mean, weight * source_mean + (1 - weight) * replaced[1].running_mean,
+                          atol=1e-6)
+    assert torch.allclose(model[1].running_var, weight * source_var + (1 - weight) * replaced[1].running_var,
+                          atol=1e-6)
+    with pytest.raises(ConfigError, match="prior strength"):
+        adapt_batchnorm(model, [data], prior_strength=-1)
+
+
 def test_engine_refuses_a_model_without_batchnorm():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
     with pytest.raises(ConfigError, match="no BatchNorm"):

@@ -98,7 +98,8 @@ def test_classifier_exposes_model_classes_and_preprocessing(classifier, image):
     x = classifier.transform(load_image(image))
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32
     with torch.no_grad():
-        probabilities = classifier.model(x[None]).softmax(dim=1)[0]
+        # calibrated: the run stored a temperature, which predict applies
+        probabilities = (classifier.model(x[None]) / classifier.predictor.temperature).softmax(dim=1)[0]
     prediction = classifier.predict(image)
     assert classifier.classes[int(probabilities.argmax())] == prediction.label
     assert float(probabilities.max()) == pytest.approx(prediction.confidence, abs=1e-4)

@@ -116,8 +116,9 @@ def test_tta_matches_evaluate_and_agrees_across_backends(tiny_checkpoint, onnx_e
     eager = load_predictor(tiny_checkpoint, backend="torch")
     batch = torch.stack([eager.prepare(path) for path in mixed_images])
     with torch.no_grad():  # what `evaluate --tta` computes for this model (signs: crops, no mirror images)
-        expected = tta_log_probabilities(eager.backend.model, normalize(batch, eager.mean, eager.std), flip=False,
-                                         crops=True).exp()
+        # calibrated: the temperature applies to the log of the views' mean softmax
+        expected = (tta_log_probabilities(eager.backend.model, normalize(batch, eager.mean, eager.std), flip=False,
+                                          crops=True) / eager.temperature).softmax(dim=1)
     averaged = eager.probabilities(batch, tta=True)
     torch.testing.assert_close(averaged, expected, atol=1e-6, rtol=0)
     assert not torch.allclose(averaged, eager.probabilities(batch), atol=1e-4)  # the views do change the answer

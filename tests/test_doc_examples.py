@@ -281,7 +281,9 @@ DOC_RULES: list[tuple[str, bool | str]] = [
     (r"resnetlab compare ", True),
     (r"resnetlab export ", True),
     (r"resnetlab predict ", True),
-    (r"resnetlab data (split|synth|profile) ", True),
+    (r"resnetlab data (split|synth|profile|sample) ", True),
+    (r"resnetlab calibrate ", True),
+    (r"resnetlab adapt ", True),
     (r"resnetlab runs( |$)", True),
 ]
 

@@ -42,15 +42,23 @@ def _write_csv(path, rows):
         writer.writerows(rows)
 
 
+SELECTIVE_KEYS = ("temperature_applied", "operating_point", "accepted_fraction", "error_among_accepted", "ece_raw",
+                  "nll_raw")
+
+
 def make_eval(folder, logits, targets, *, sha=SHA, energy=True, metrics_extra=None, accepted_threshold=None):
     """An evaluation folder of ``logits``: the real files, plus the checkpoint hash and, as asked, an energy column,
     an accepted column and extra metrics.json keys."""
     paths = [str(folder / "images" / f"{i:04d}.png") for i in range(len(targets))]  # distinct per folder
     evaluate_predictions(logits, targets, CLASSES, paths).save(folder)
     metrics = json.loads((folder / "metrics.json").read_text())
+    # as an evaluation from before selective prediction wrote them: the test adds back what it asks for
+    for key in SELECTIVE_KEYS:
+        metrics.pop(key, None)
     metrics.update({"checkpoint_sha256": sha, **(metrics_extra or {})})
     (folder / "metrics.json").write_text(json.dumps(metrics))
-    rows = _read_csv(folder / "predictions.csv")
+    rows = [{key: value for key, value in row.items() if key not in ("energy", "accepted")}
+            for row in _read_csv(folder / "predictions.csv")]
     energies = energy_score(logits)
     for row, value in zip(rows, energies):
         if energy:

@@ -113,9 +113,11 @@ class Classifier:
                 normalized like files.
             topk: Classes to keep per image.
             tta: Average over the test-time augmentation views ``evaluate --tta`` uses.
-            raw, coverage, max_error, threshold, accept_all: For this call, instead of the options given to
-                :func:`load`: uncalibrated confidences, or the operating point below which an answer is
-                ``unknown`` (see :func:`load`). Not given: those of :func:`load`.
+            raw: For this call, instead of the option given to :func:`load`: uncalibrated confidences.
+            coverage: For this call: the operating point that keeps this fraction of validation images.
+            max_error: For this call: the operating point with at most this error among accepted images.
+            threshold: For this call: answer ``unknown`` below this confidence.
+            accept_all: For this call: never answer ``unknown``. Not given: the options of :func:`load`.
 
         Returns:
             One :class:`Prediction` for a single input, a list for a list.

@@ -396,7 +396,8 @@ def export(model_or_path: str | Path | Run | Classifier, format: str = "onnx", o
 
 def adapt(source: str | Path | Run, data: str, *, out: str | Path | None = None, method: str = "adabn",
           steps: int | None = None, lr: float | None = None, batch_size: int | None = None, seed: int = 0,
-          device: str = "auto", overwrite: bool = False, overrides: Overrides = None) -> Adaptation:
+          device: str = "auto", overwrite: bool = False, prior_strength: float = 0.0,
+          overrides: Overrides = None) -> Adaptation:
     """Adapt a trained model to a new domain's images, without labels, into a new checkpoint.
 
     AdaBN (Li et al. 2016) re-estimates the BatchNorm running statistics on the new images; ``method="tent"``
@@ -416,6 +417,8 @@ def adapt(source: str | Path | Run, data: str, *, out: str | Path | None = None,
         seed: Seeds the order of the images.
         device: ``auto``, ``cpu`` or ``cuda``.
         overwrite: Replace an existing output file.
+        prior_strength: How many images the model's own BatchNorm statistics count as beside the new ones
+            (Schneider et al. 2020); 0 (the default) replaces them.
         overrides: ``data.*`` settings for reading the data (``{"data.on_bad_image": "skip"}``), as for
             :func:`evaluate`.
 
@@ -437,7 +440,7 @@ def adapt(source: str | Path | Run, data: str, *, out: str | Path | None = None,
     texts = override_texts(overrides)
     outcome = adapt_job(checkpoint, data, out=Path(out) if out is not None else None, method=method, steps=steps,
                         lr=lr, batch_size=batch_size, seed=seed, device=device, overrides=texts,
-                        overwrite=overwrite, log=logger.info)
+                        overwrite=overwrite, prior_strength=prior_strength, log=logger.info)
     return Adaptation(outcome.checkpoint, record=outcome.record)
 
 

@@ -261,6 +261,7 @@ def adapt(
     lr: Annotated[Optional[float], typer.Option("--lr", help="TENT learning rate (Adam; default 0.001)", rich_help_panel=MODEL)] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Images per batch (default: the run's training batch size, at most half the images)", rich_help_panel=DATA)] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seeds the order of the images", rich_help_panel=MODEL)] = 0,
+    prior: Annotated[float, typer.Option("--prior", help="How many images the model's own BatchNorm statistics count as beside the new ones (0: replaced; a few hundred keep a small or class-skewed set from overriding them)", rich_help_panel=MODEL)] = 0.0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda", rich_help_panel=MODEL)] = "auto",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The new checkpoint: a .pt file or a folder (default: <run>/adapted/<data>-<method>.pt)", rich_help_panel=OUTPUT)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file", rich_help_panel=OUTPUT)] = False,
@@ -271,7 +272,8 @@ def adapt(
     from resnetlab.api.functions import adapt as adapt_model
 
     adapted = adapt_model(checkpoint, data, out=out, method=method, steps=steps, lr=lr, batch_size=batch_size,
-                          seed=seed, device=device, overwrite=overwrite, overrides=list(overrides or []))
+                          seed=seed, device=device, overwrite=overwrite, prior_strength=prior,
+                          overrides=list(overrides or []))
     record = adapted.record
     typer.echo(f"{record['method']} on {record['num_images']} images  mean entropy {record['mean_entropy_before']:.4f}"
                f" -> {record['mean_entropy_after']:.4f}  -> {adapted.checkpoint}")

@@ -241,7 +241,7 @@ class Predictor:
                energy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """uint8 [B, 3, S, S] -> (probabilities [B, C] float32, energies [B] float64, or None for a model whose
         output is probabilities or with ``energy=False``), at ``temperature`` (default: the applied one). ``tta``
-        averages both over the test-time augmentation views."""
+        averages both over the test-time augmentation views as ``evaluate --tta`` does (see :meth:`probabilities`)."""
         if temperature == "default":
             temperature = self.temperature
         with self._torch_thread_scope():
@@ -251,17 +251,24 @@ class Predictor:
             from resnetlab.evaluation.tta import tta_views
 
             views = tta_views(x, flip=self.record.get("test_time_flip") is True, crops=True)
-            per_view = [self._scores(view, temperature, energy) for view in views]
-            probabilities = torch.stack([p for p, _ in per_view]).mean(dim=0)
-            energies = None if per_view[0][1] is None else torch.stack([e for _, e in per_view]).mean(dim=0)
-            return probabilities, energies
+            # As `evaluate --tta` does (resnetlab.evaluation.tta): the log of the views' mean uncalibrated softmax
+            # stands for the logits of the averaged prediction, and the temperature applies to those, so that the
+            # two report the same calibrated confidences and energies.
+            averaged = torch.stack([self.outputs(view, None).softmax(dim=1) for view in views]).mean(dim=0)
+            logits = averaged.clamp_min(1e-12).log()
+            if temperature is not None:
+                logits = logits / temperature
+            if not (energy and self.output_kind == "logits"):
+                return logits.softmax(dim=1), None
+            return logits.softmax(dim=1), -(temperature or 1.0) * torch.logsumexp(logits.double(), dim=1)
 
     def probabilities(self, batch_uint8: torch.Tensor, *, tta: bool = False) -> torch.Tensor:
         """uint8 [B, 3, S, S] (as :meth:`prepare` makes) -> class probabilities [B, C], float32, calibrated when
         the model has a temperature (unless ``raw``).
 
-        ``tta`` averages the softmax over the views ``evaluate --tta`` uses (:mod:`resnetlab.evaluation.tta`): the
-        image, four corner crops, and their mirror images only where the model was trained with flips.
+        ``tta`` averages the uncalibrated softmax over the views ``evaluate --tta`` uses
+        (:mod:`resnetlab.evaluation.tta`): the image, four corner crops, and their mirror images only where the model
+        was trained with flips; the temperature then applies to the log of that average, as in ``evaluate --tta``.
         """
         return self.scores(batch_uint8, tta=tta, energy=False)[0]
 

@@ -5,7 +5,11 @@ Two methods, both touching nothing but the BatchNorm layers:
 - **AdaBN** (Li et al. 2016, "Revisiting Batch Normalization For Practical Domain Adaptation"): the running mean and
   variance of every BN layer are re-estimated on the new images, everything else is kept. A covariate shift
   (lighting, colour cast, another camera) mostly moves the activations' statistics; replacing the source statistics
-  with the target's undoes much of it, without a gradient.
+  with the target's undoes much of it, without a gradient. With a prior (Schneider et al., NeurIPS 2020, "Improving
+  robustness against common corruptions by covariate shift adaptation"), the source statistics count as
+  ``prior_strength`` images beside the new ones: the new statistics are a weighted mean of both, which keeps a few
+  new images, or new images that hold only some of the classes in other proportions (label shift, which AdaBN
+  cannot tell from a domain shift), from replacing what the source statistics knew.
 - **TENT** (Wang et al., ICLR 2021, "Tent: Fully Test-Time Adaptation by Entropy Minimization"): the BN affine
   parameters (weight, bias) are trained to minimise the entropy of the model's own softmax predictions on the new
   images, with BN normalizing by the statistics of each batch. Running statistics are then re-estimated with
@@ -69,7 +73,7 @@ def _batchnorm_only_training(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def adapt_batchnorm(model: nn.Module, batches: Batches) -> int:
+def adapt_batchnorm(model: nn.Module, batches: Batches, prior_strength: float = 0.0) -> int:
     """AdaBN: replace the running statistics of every BN layer by those of the images in ``batches``.
 
     The statistics are reset, then every batch is forwarded once with the BN layers in train mode (the rest of the
@@ -81,6 +85,9 @@ def adapt_batchnorm(model: nn.Module, batches: Batches) -> int:
     Args:
         model: A model with BatchNorm layers, on the device the batches should run on.
         batches: Image batches (or ``(images, labels)`` pairs), normalized as the model expects.
+        prior_strength: How many images the model's current statistics count as (Schneider et al. 2020): each
+            layer ends with ``(prior_strength * source + n * new) / (prior_strength + n)`` for its mean and
+            variance, ``n`` the number of new images. 0 (AdaBN) replaces them.
 
     Returns:
         The number of images the statistics were estimated on.
@@ -88,9 +95,12 @@ def adapt_batchnorm(model: nn.Module, batches: Batches) -> int:
     Raises:
         ConfigError: The model has no BatchNorm layer with running statistics.
     """
+    if not (prior_strength >= 0 and math.isfinite(prior_strength)):
+        raise ConfigError(f"the prior strength must be a number of images >= 0, got {prior_strength}")
     layers = _require_batchnorm(model)
     device = _device_of(model)
     momenta = [layer.momentum for layer in layers]
+    source = [(layer.running_mean.clone(), layer.running_var.clone()) for layer in layers]
     for layer in layers:
         layer.reset_running_stats()
     _batchnorm_only_training(model)
@@ -112,6 +122,11 @@ def adapt_batchnorm(model: nn.Module, batches: Batches) -> int:
         model.eval()
     if seen == 0:
         raise ConfigError("no images to estimate BatchNorm statistics on: the batches were empty")
+    if prior_strength > 0:
+        weight = prior_strength / (prior_strength + seen)
+        for layer, (mean, var) in zip(layers, source):
+            layer.running_mean.lerp_(mean, weight)
+            layer.running_var.lerp_(var, weight)
     return seen
 
 

@@ -13,6 +13,7 @@ resize, contrast, normalization), without augmentation: the statistics must be t
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -183,7 +184,7 @@ def _adapted_meta(meta: dict[str, Any], record: dict[str, Any]) -> dict[str, Any
 def adapt_job(checkpoint: Path, data_spec: str, *, out: Path | None = None, method: str = "adabn",
               steps: int | None = None, lr: float | None = None, batch_size: int | None = None, seed: int = 0,
               device: str = "auto", overrides: list[str] | None = None, overwrite: bool = False,
-              log: Callable[[str], None] = _logger.info) -> AdaptOutcome:
+              prior_strength: float = 0.0, log: Callable[[str], None] = _logger.info) -> AdaptOutcome:
     """Adapt ``checkpoint`` (a file or run directory) to the images of ``data_spec`` and write a new checkpoint.
 
     Args:
@@ -201,6 +202,9 @@ def adapt_job(checkpoint: Path, data_spec: str, *, out: Path | None = None, meth
         overrides: ``data.*`` settings for reading the data (``data.on_bad_image=skip`` ...); the preprocessing is
             the checkpoint's.
         overwrite: Replace an existing output file.
+        prior_strength: How many images the model's own BatchNorm statistics count as beside the new ones
+            (Schneider et al. 2020); 0 replaces them (AdaBN). A few hundred keeps a small or class-skewed set of new
+            images from overriding them.
         log: Where progress lines go.
     """
     if method not in METHODS:
@@ -209,6 +213,8 @@ def adapt_job(checkpoint: Path, data_spec: str, *, out: Path | None = None, meth
         raise ConfigError("--steps and --lr apply to --method tent (AdaBN estimates statistics, without a gradient)")
     if steps is not None and steps < 1:
         raise ConfigError(f"--steps {steps}: give at least 1")
+    if not (prior_strength >= 0 and math.isfinite(prior_strength)):
+        raise ConfigError(f"--prior {prior_strength}: give a number of images >= 0 (0: the new statistics alone)")
     if lr is not None and not lr > 0:
         raise ConfigError(f"--lr {lr}: give a positive learning rate, e.g. 0.001")
     for text in overrides or []:
@@ -255,15 +261,17 @@ def adapt_job(checkpoint: Path, data_spec: str, *, out: Path | None = None, meth
             log(f"TENT: {tent_steps} Adam step(s) at lr {lr or TENT_LR:g} on the BatchNorm weights and biases, "
                 f"batches of {size}")
             tent(model, batches, tent_steps, lr or TENT_LR, progress=progress)
-        estimated = adapt_batchnorm(model, batches)
+        estimated = adapt_batchnorm(model, batches, prior_strength=prior_strength)
         entropy_after = mean_entropy(model, batches)
-    log(f"BatchNorm statistics of {len(batchnorm_layers(model))} layers re-estimated on {estimated} images (AdaBN); "
+    prior = (f", the model's own counted as {prior_strength:g} images beside them" if prior_strength else "")
+    log(f"BatchNorm statistics of {len(batchnorm_layers(model))} layers re-estimated on {estimated} images "
+        f"(AdaBN{prior}); "
         f"mean prediction entropy on them {entropy_before:.4f} (source model) -> {entropy_after:.4f} (adapted)")
 
     record = {
         "method": method, "data": images.spec, "num_images": estimated, "labels_used": False,
         "steps": tent_steps, "lr": (lr or TENT_LR) if method == "tent" else None, "batch_size": size, "seed": seed,
-        "source_checkpoint": str(checkpoint_file.resolve()), "source_checkpoint_sha256": source_sha256,
+        "prior_strength": prior_strength, "source_checkpoint": str(checkpoint_file.resolve()), "source_checkpoint_sha256": source_sha256,
         "mean_entropy_before": round(entropy_before, 6), "mean_entropy_after": round(entropy_after, 6),
         "resnetlab_version": __version__, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -86,13 +86,15 @@ def training_curves(history: Mapping[str, Sequence[float]], out_path: Path, *, b
 def time_to_accuracy(curves: Mapping[str, Mapping[str, Sequence[float]]], out_path: Path, *,
                      targets: Sequence[float] = ()) -> Path:
     """Validation top-1 against cumulative training time, one line per curve (``{"label": {"seconds": [...],
-    "top1": [...]}}``), with horizontal lines at the ``targets``: what a recipe reaches in how many minutes."""
+    "top1": [...]}}``, optionally with a ``"style"`` dict of matplotlib line options), with horizontal lines at the
+    ``targets``: what a recipe reaches in how many minutes."""
     figure = Figure(figsize=(8, 5))
     axis = figure.subplots()
     best = [float(np.nanmax(_as_float_array(c["top1"]))) for c in curves.values() if len(c["top1"])]
     for label, curve in curves.items():
         minutes = _as_float_array(curve["seconds"]) / 60.0
-        axis.plot(minutes, _as_float_array(curve["top1"]), marker="o", markersize=3, label=short_label(label, 48))
+        axis.plot(minutes, _as_float_array(curve["top1"]), marker="o", markersize=3, label=short_label(label, 48),
+                  **curve.get("style", {}))
     for target in targets:
         axis.axhline(target, color="0.5", linestyle="--", linewidth=0.8)
         axis.annotate(f"{target:.2%}", (0, target), textcoords="offset points", xytext=(2, 2), fontsize=8,
