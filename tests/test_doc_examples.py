@@ -96,6 +96,7 @@ class StandIns:
         table = {
             "/data/GTSRB": str(self.signs),
             "../shared/data/gtsrb-dev": str(self.signs),
+            "../shared/data/gtsrb-train": str(self.signs),
             "/data/signs-belgium/labels.csv": str(self.signs / "Test.csv"),
             "/data/photos_split": str(self.photos_split),
             "/data/photos": str(self.photos),
