@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -33,7 +32,6 @@ from resnetlab.checkpoint import (
 )
 from resnetlab.config import RunConfig
 from resnetlab.data.build import SplitData, auto_workers, load_split
-from resnetlab.data.datasets import parse_spec
 from resnetlab.data.formats.common import describe_paths
 from resnetlab.data.pipeline import IN_MEMORY_MAX_SIZE, FileBatches, FileImageDataset, TensorBatches
 from resnetlab.data.preprocessing import Preprocessing
@@ -41,7 +39,7 @@ from resnetlab.data.unlabelled import open_unlabelled
 from resnetlab.deployment.records import file_sha256
 from resnetlab.engine.adaptation import adapt_batchnorm, batchnorm_layers, mean_entropy, tent
 from resnetlab.errors import ConfigError, DataError
-from resnetlab.jobs.evaluate import evaluation_data_config
+from resnetlab.jobs.evaluate import dataset_file_name, evaluation_data_config
 from resnetlab.utils.io import torch_save
 
 _logger = logging.getLogger(__name__)  # the default log of functions that take a `log` callable
@@ -62,21 +60,11 @@ class AdaptOutcome:
     record: dict[str, Any]
 
 
-def data_name(spec: str) -> str:
-    """A file-name part for a dataset spec: its kind and folder or file (``folder-night``, ``csv-shifted-Test``,
-    ``synthetic-signs``), as evaluation folders are named."""
-    kind, location = parse_spec(spec)
-    where = Path(location)
-    names = (where.parent.name, where.stem) if where.suffix else (where.name,)
-    name = "-".join(part for part in (kind, *names) if part)
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "data"
-
-
 def adapted_path(checkpoint_file: Path, spec: str, method: str, out: Path | None) -> Path:
     """Where the adapted checkpoint goes: ``out`` if it names a ``.pt`` file; inside ``out`` if it is a folder (or a
     path without a suffix); by default ``RUN/adapted/<data>-<method>.pt`` beside the run's ``checkpoints/`` (or
     ``adapted/`` beside a checkpoint file kept elsewhere)."""
-    file_name = f"{data_name(spec)}-{method}.pt"
+    file_name = f"{dataset_file_name(spec)}-{method}.pt"
     if out is None:
         resolved = checkpoint_file.resolve()
         run_dir = resolved.parent.parent if resolved.parent.name == "checkpoints" else resolved.parent

@@ -29,7 +29,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from resnetlab.checkpoint import load_checkpoint, model_from_checkpoint, preprocessing_from_meta
+from resnetlab.checkpoint import (
+    load_checkpoint,
+    model_from_checkpoint,
+    preprocessing_from_meta,
+    resolve_checkpoint_file,
+)
 from resnetlab.config import DataConfig, RunConfig, parse_override, set_dotted, validate_config
 from resnetlab.data.augment import get_policy
 from resnetlab.data.build import eval_batches_for_table
@@ -42,7 +47,7 @@ from resnetlab.engine.evaluation_loop import evaluate_loader
 from resnetlab.engine.runtime import Runtime, resolve_runtime
 from resnetlab.errors import CheckpointError, ConfigError, DataError
 from resnetlab.evaluation.selective import ACCEPT_ALL, OperatingPoint, operating_point_from_record
-from resnetlab.utils.io import read_json, write_csv_rows, write_json
+from resnetlab.utils.io import write_csv_rows
 
 _logger = logging.getLogger(__name__)  # the default log of functions that take a `log` callable
 
@@ -89,19 +94,18 @@ def export_runtime() -> Runtime:
                    threads=torch.get_num_threads(), reasons=["an export runs in its own runtime"])
 
 
-def load_export_of(checkpoint_file: Path, export_dir: Path):
-    """The predictor of ``export_dir``, which must have been exported from ``checkpoint_file`` (or the run
-    directory's best checkpoint)."""
+def load_export_of(checkpoint_file: Path, export_dir: Path, checkpoint_sha256: str):
+    """The predictor of ``export_dir``, which must have been exported from ``checkpoint_file`` (a checkpoint file,
+    whose sha256 the caller has computed)."""
     from resnetlab.deployment.predictor import load_predictor
-    from resnetlab.deployment.records import checkpoint_file_of, file_sha256, is_export_dir, read_export_record
+    from resnetlab.deployment.records import is_export_dir, read_export_record
     from resnetlab.errors import CheckpointError
 
     if not is_export_dir(export_dir):
         raise CheckpointError(f"--export '{export_dir}' is not an export folder (no preprocessing.json); make one "
                               "with `resnetlab export`")
-    checkpoint_file = checkpoint_file_of(checkpoint_file)
     made_from = (read_export_record(export_dir).get("source") or {}).get("checkpoint_sha256")
-    if made_from != file_sha256(checkpoint_file):
+    if made_from != checkpoint_sha256:
         raise CheckpointError(f"--export '{export_dir}' was not exported from '{checkpoint_file}' (its record names "
                               f"checkpoint sha256 {str(made_from)[:12]}...); pass the checkpoint it was made from")
     return load_predictor(export_dir)
@@ -135,13 +139,14 @@ def evaluate_model_on_batches(model, runtime: Runtime, batches, table: SampleTab
                               gradcam: bool = True, split_name: str = "test", labels_present: list[int] | None = None,
                               tta: bool = False, flip_allowed: bool = False, evaluated_model: dict | None = None,
                               collected: CollectedLogits | None = None, temperature: float | None = None,
-                              operating_point: OperatingPoint | None = None,
+                              operating_point: OperatingPoint | None = None, checkpoint_sha256: str | None = None,
                               log: Callable[[str], None] = _logger.info):
     """Evaluate ``model`` on ``batches`` and write the evaluation files into ``out_dir``.
 
     ``collected`` are logits already computed by :func:`collect_logits` (then ``batches``/``val_batches`` are not
     run again); ``temperature`` and ``operating_point`` are the model's calibration, applied to every confidence
-    (see :func:`~resnetlab.evaluation.metrics.evaluate_predictions`).
+    (see :func:`~resnetlab.evaluation.metrics.evaluate_predictions`); ``checkpoint_sha256`` names the evaluated
+    checkpoint in metrics.json, for `compare` to pair evaluations of one model.
     """
     from resnetlab.evaluation.metrics import evaluate_predictions
 
@@ -156,6 +161,8 @@ def evaluate_model_on_batches(model, runtime: Runtime, batches, table: SampleTab
     result.metrics["tta"] = ("5 crops" + (" x horizontal flip" if flip else "")) if tta else "none"
     if evaluated_model is not None:
         result.metrics["evaluated_model"] = evaluated_model  # an export, not the checkpoint
+    if checkpoint_sha256 is not None:
+        result.metrics["checkpoint_sha256"] = checkpoint_sha256
     result.save(out_dir)
     if gradcam:
         _save_gradcam(model, runtime, table, targets, logits, class_names, prep, out_dir / "gradcam.npz",
@@ -255,24 +262,27 @@ def evaluation_data_config(saved: RunConfig, data_spec: str | None, overrides: l
     return validate_config(tree, source="evaluate").data
 
 
+def dataset_file_name(spec: str) -> str:
+    """A file-name part for a dataset spec: its kind and folder or file (``folder-my_photos``, ``csv-shifted-Test``,
+    ``synthetic-signs``), as evaluation folders and adapted checkpoints are named."""
+    from resnetlab.data.datasets import parse_spec
+
+    kind, location = parse_spec(spec)
+    where = Path(location)
+    # a file (csv:shifted/Test.csv) is named with its folder: csv-shifted-Test
+    names = (where.parent.name, where.stem) if where.suffix else (where.name,)
+    name = "-".join(part for part in (kind, *names) if part)
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "data"
+
+
 def default_evaluation_dir(checkpoint: Path, data_spec: str | None, split: str) -> Path:
     """Where an evaluation goes unless told: ``<run>/evaluations/<data>-<split>-<YYYYmmdd-HHMMSS>``, beside (never
     in) the run's own ``eval/``. ``<data>`` names the dataset by its kind and folder or file (``folder-my_photos``,
     ``csv-shifted-Test``, ``synthetic-signs``), or is ``trained-data`` when ``--data`` is not given; a name already
     taken gets ``-2``, ``-3``...
     """
-    from resnetlab.data.datasets import parse_spec
-
     run_dir = checkpoint if checkpoint.is_dir() else checkpoint.resolve().parent.parent
-    if data_spec:
-        kind, location = parse_spec(data_spec)
-        where = Path(location)
-        # a file (csv:shifted/Test.csv) is named with its folder: csv-shifted-Test
-        names = (where.parent.name, where.stem) if where.suffix else (where.name,)
-        data_name = "-".join(part for part in (kind, *names) if part)
-    else:
-        data_name = "trained-data"
-    data_name = re.sub(r"[^A-Za-z0-9._-]+", "_", data_name).strip("._") or "data"
+    data_name = dataset_file_name(data_spec) if data_spec else "trained-data"
     base = run_dir / "evaluations" / f"{data_name}-{split}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     candidate, number = base, 2
     while candidate.exists():
@@ -411,8 +421,12 @@ def evaluate_job(checkpoint: Path, data_spec: str | None, split: str, out_dir: P
     The checkpoint's calibration is applied unless ``raw``; ``coverage``/``max_error`` choose the operating point
     from its stored validation curve instead of the stored one.
     """
+    from resnetlab.deployment.records import file_sha256
+
     check_evaluation_dir(out_dir, overwrite=overwrite)
-    state = load_checkpoint(checkpoint)
+    checkpoint_file = resolve_checkpoint_file(checkpoint)
+    checkpoint_sha256 = file_sha256(checkpoint_file)
+    state = load_checkpoint(checkpoint_file)
     model, meta = model_from_checkpoint(state)
     temperature, operating_point = applied_calibration(meta.get("calibration"), raw=raw, coverage=coverage,
                                                        max_error=max_error)
@@ -430,7 +444,7 @@ def evaluate_job(checkpoint: Path, data_spec: str | None, split: str, out_dir: P
     gradcam = saved.eval.gradcam
     evaluated = None
     if export_dir is not None:
-        predictor = load_export_of(checkpoint, Path(export_dir))
+        predictor = load_export_of(checkpoint_file, Path(export_dir), checkpoint_sha256)
         artifact = predictor.record["artifact"]
         in_graph = graph_temperature(predictor.record, meta.get("calibration"))
         evaluated = {"export": str(export_dir), "format": artifact["format"], "precision": artifact["precision"],
@@ -462,8 +476,5 @@ def evaluate_job(checkpoint: Path, data_spec: str | None, split: str, out_dir: P
                               out_dir=out_dir, topk=saved.eval.topk, gradcam=gradcam, split_name=split,
                               labels_present=labels_present, tta=tta, flip_allowed=flip_allowed,
                               evaluated_model=evaluated, temperature=temperature, operating_point=operating_point,
-                              log=log)
-    from resnetlab.deployment.records import checkpoint_file_of, file_sha256  # names the model for `compare`
-    write_json(out_dir / "metrics.json", {**read_json(out_dir / "metrics.json"),
-                                          "checkpoint_sha256": file_sha256(checkpoint_file_of(checkpoint))})
+                              checkpoint_sha256=checkpoint_sha256, log=log)
     return out_dir
