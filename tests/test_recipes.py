@@ -13,7 +13,7 @@ from resnetlab.cli.main import main
 from resnetlab.config import build_config
 from resnetlab.recipes import list_recipes, load_recipe
 
-REQUIRED = {"demo", "gtsrb-fast", "gtsrb-robust", "cifar10-resnet20", "gtsrb-resnet50-finetune",
+REQUIRED = {"demo", "gtsrb-fast", "gtsrb-best", "gtsrb-robust", "cifar10-resnet20", "gtsrb-resnet50-finetune",
             "custom-resnet50-kfold", "cifar100-resnet44v2", "road-signs-4class", "imagenet-resnet50"}
 
 

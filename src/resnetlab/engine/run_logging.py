@@ -13,7 +13,8 @@ import torch
 from resnetlab.utils.io import read_csv, write_csv
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_top1", "train_top5", "val_loss", "val_top1", "val_top5",
-                  "grad_norm", "epoch_seconds", "images_per_second", "ema_val_top1", "ema_val_loss", "best"]
+                  "grad_norm", "epoch_seconds", "images_per_second", "ema_val_top1", "ema_val_loss", "best",
+                  "train_input_size"]
 # metrics.csv column -> TensorBoard tag
 TENSORBOARD_TAGS = {"train_loss": "loss/train", "val_loss": "loss/val", "ema_val_loss": "loss/val_ema",
                     "train_top1": "accuracy/train_top1", "train_top5": "accuracy/train_top5",

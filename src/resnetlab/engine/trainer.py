@@ -30,6 +30,7 @@ from resnetlab.checkpoint import build_meta, load_checkpoint
 from resnetlab.config import LossConfig, RunConfig
 from resnetlab.data.augment import build_mixing
 from resnetlab.data.build import RunData
+from resnetlab.engine.budget import BudgetPlan
 from resnetlab.engine.checkpoint_saver import CheckpointSaver
 from resnetlab.engine.distributed import DistributedContext
 from resnetlab.engine.evaluation_loop import EpochResult, evaluate_loader
@@ -41,10 +42,12 @@ from resnetlab.engine.optim import (
     frozen_norm_statistics,
     wrap_optimizer,
 )
+from resnetlab.engine.progressive import epoch_input_size, resize_batch
 from resnetlab.engine.run_logging import PROGRESS_EVERY, MetricsFile, Progress, TensorBoardSink, epoch_line
 from resnetlab.engine.runtime import Runtime, rng_state, set_rng_state
 from resnetlab.engine.schedule import Schedule
 from resnetlab.errors import ConfigError
+from resnetlab.utils.io import write_text
 from resnetlab.utils.runlog import RunLog
 
 @dataclass
@@ -107,7 +110,7 @@ class Trainer:
                  log: RunLog, *, model_kwargs: dict, is_main: bool = True, ddp_model: nn.Module | None = None,
                  dist: DistributedContext | None = None,
                  on_epoch_end: Callable[[int, dict[str, Any]], bool | None] | None = None,
-                 meta_extra: dict[str, Any] | None = None):
+                 meta_extra: dict[str, Any] | None = None, budget_plan: BudgetPlan | None = None):
         self.cfg = cfg
         self.data = data
         self.model = model  # the bare model: what checkpoints hold and validation runs
@@ -127,6 +130,9 @@ class Trainer:
         # Added to every checkpoint's meta (a dict merged into the entry of that name): a fine-tuned run records
         # the checkpoint it started from, and its data's fingerprints in the data's own class list.
         self.meta_extra = meta_extra or {}
+        # train.epochs_from_budget: the cost model the epochs were sized with, to size them again as the run's real
+        # speed shows (engine.budget); None trains train.epochs as given.
+        self.budget_plan = budget_plan
 
         t = cfg.train
         # Without a validation split (data.val_fraction=0: a refit on all training data) every epoch counts as the
@@ -143,9 +149,7 @@ class Trainer:
         self.optimizer = wrap_optimizer(self.base_optimizer, cfg.optim)
         self.perturbation = self.optimizer if isinstance(self.optimizer, GradientPerturbation) else None
         self.steps_per_epoch = min(len(data.train), t.max_steps_per_epoch or len(data.train))
-        self.schedule = Schedule(self.base_optimizer, cfg.schedule, epochs=t.epochs,
-                                 steps_per_epoch=self.steps_per_epoch, base_lr=cfg.optim.lr,
-                                 monitor_mode=self._mode())
+        self.schedule = self._build_schedule(t.epochs)
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
         self.ema = create_ema(model, t.ema_decay, t.ema_warmup) if t.ema else None
         weight = loss_class_weights(cfg.loss, data.train_counts)
@@ -258,7 +262,7 @@ class Trainer:
         progress = Progress(enabled=self.is_main and not self.cfg.logging.quiet)
         history = []
         try:
-            while self.epoch < t.epochs:
+            while self.epoch < self.cfg.train.epochs:
                 # any(): the ranks' clocks differ slightly, and all of them must stop before the same epoch
                 if budget_s is not None and self.dist.any(self.train_seconds >= budget_s):
                     stopped = f"time budget of {t.time_budget:g} min spent"
@@ -266,7 +270,9 @@ class Trainer:
                 epoch = self.epoch + 1
                 if hasattr(self.data.train, "set_epoch"):
                     self.data.train.set_epoch(epoch)
-                train_result, seconds, images, grad_norm, lr, out_of_time = self._train_epoch(epoch, progress, budget_s)
+                input_size = epoch_input_size(epoch, self.cfg.train.epochs, self.cfg.data.input_size, t.progressive)
+                train_result, seconds, images, grad_norm, lr, out_of_time = self._train_epoch(
+                    epoch, progress, budget_s, input_size)
                 self.epoch = epoch
                 val, ema_val = self._validate()
                 improved, use_ema = self._track_best(val, ema_val)
@@ -278,16 +284,18 @@ class Trainer:
                     "grad_norm": grad_norm, "epoch_seconds": seconds,
                     "images_per_second": images / seconds if seconds > 0 else 0.0,
                     "ema_val_top1": ema_val.top1 if ema_val else "", "ema_val_loss": ema_val.loss if ema_val else "",
-                    "best": int(improved),
+                    "best": int(improved), "train_input_size": input_size,
                 }
                 history.append(row)
                 self.schedule.step_epoch(self._monitored(val) if val else None)
+                if self.budget_plan is not None and not out_of_time:
+                    self._replan()  # before the checkpoint, which records the schedule and the epochs
                 if self.is_main:
                     self.metrics_file.append(row)
                     self._save(improved, use_ema)
                     if self.tensorboard is not None:
                         self.tensorboard.write(row)
-                    self.log(epoch_line(row, t.epochs, out_of_time))
+                    self.log(epoch_line(row, self.cfg.train.epochs, out_of_time))
                 if self.on_epoch_end is not None and self.on_epoch_end(epoch, row) is False:
                     stopped = f"stopped by the caller after epoch {epoch}"
                     break
@@ -310,7 +318,7 @@ class Trainer:
                             stopped_because=stopped, train_seconds=self.train_seconds,
                             best_weights=self.best_weights, history=history)
 
-    def _train_epoch(self, epoch: int, progress: Progress, budget_s: float | None):
+    def _train_epoch(self, epoch: int, progress: Progress, budget_s: float | None, input_size: int):
         self.net.train()
         for layer in self.frozen_norms:  # train.freeze=backbone: normalize with the trained statistics
             layer.eval()
@@ -327,7 +335,7 @@ class Trainer:
         progress.start_epoch(epoch, self.cfg.train.epochs, self.steps_per_epoch)
         # islice: never draw (and augment, consuming random numbers) a batch that will not be trained on
         for batch_index, (images, targets) in enumerate(itertools.islice(self.data.train, self.steps_per_epoch)):
-            images = self.runtime.to_input(images)
+            images = resize_batch(self.runtime.to_input(images), input_size)
             hard_targets = targets.to(device, non_blocking=True)
             targets = hard_targets
             if self.mixing is not None:
@@ -422,6 +430,40 @@ class Trainer:
             ema_val = evaluate_loader(self.ema.module, self.data.val, self.eval_runtime) if self.ema is not None else None
             results = (val, ema_val)
         return self.dist.broadcast_object(results)
+
+    # -- schedule and budget ---------------------------------------------------------------------------------------
+
+    def _build_schedule(self, epochs: int) -> Schedule:
+        return Schedule(self.base_optimizer, self.cfg.schedule, epochs=epochs, steps_per_epoch=self.steps_per_epoch,
+                        base_lr=self.cfg.optim.lr, monitor_mode=self._mode())
+
+    def _replan(self) -> None:
+        """Size the epochs again to the budget with the speed the epochs so far ran at (see engine.budget).
+
+        The schedule is rebuilt for the new length at the step reached, so the learning rate continues from where
+        the new schedule is now; the optimizer's current rate and momentum are kept until the next step sets them.
+        config.yaml and the checkpoints record the new count, so that --resume trains the schedule that ran.
+        """
+        planned = self.cfg.train.epochs
+        # every process decides on the mean of their clocks, so all of them choose the same count
+        seconds = self.dist.all_reduce_sum([self.train_seconds])[0] / self.dist.world_size
+        epochs = self.budget_plan.replan(planned_epochs=planned, done_epochs=self.epoch, done_seconds=seconds)
+        if epochs == planned:
+            return
+        current = [{k: g[k] for k in ("lr", "momentum", "betas") if k in g} for g in self.base_optimizer.param_groups]
+        position = self.schedule.state_dict()
+        self.cfg = self.cfg.model_copy(update={"train": self.cfg.train.model_copy(update={"epochs": epochs})})
+        self.schedule = self._build_schedule(epochs)
+        self.schedule.load_state_dict(position)
+        for group, values in zip(self.base_optimizer.param_groups, current):
+            group.update(values)
+        plan = self.budget_plan
+        self.log(f"train.epochs_from_budget: {self.epoch} epoch(s) took {seconds:.1f}s of training, "
+                 f"{seconds / max(sum(plan.epoch_seconds(planned)[:self.epoch]), 1e-9):.2f}x the "
+                 f"timed steps' estimate; {epochs} epochs (not {planned}) fill the {self.cfg.train.time_budget:g}-"
+                 "minute budget")
+        if self.is_main:
+            write_text(self.run_dir / "config.yaml", self.cfg.to_yaml())
 
     # -- bookkeeping --------------------------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from resnetlab.data.datasets import open_dataset
 from resnetlab.data.records import DatasetSource
 from resnetlab.data.splits import SplitPlan, plan_data_splits
 from resnetlab.data.splits import write_split_manifest
+from resnetlab.engine.budget import BudgetPlan, fit_epochs_to_budget
 from resnetlab.engine.distributed import DistributedContext, init_distributed, wrap_model
 from resnetlab.engine.optim import freeze_parameters
 from resnetlab.engine.runtime import Runtime, resolve_runtime, seed_everything
@@ -311,18 +312,19 @@ def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, inp
         write_split_manifest(data.plan, data.source.class_names, out / "splits.csv")
         _write_bad_images(data, out)
 
-    def make_trainer(run_cfg: RunConfig) -> Trainer:
+    def make_trainer(run_cfg: RunConfig, budget_plan=None) -> Trainer:
         return Trainer(run_cfg, data, model, runtime, out, log, model_kwargs=model_kwargs_of(run_cfg),
                        is_main=dist.is_main, ddp_model=net if net is not model else None, dist=dist,
-                       on_epoch_end=on_epoch_end, meta_extra=inputs.init.meta_extra() if inputs.init else None)
+                       on_epoch_end=on_epoch_end, meta_extra=inputs.init.meta_extra() if inputs.init else None,
+                       budget_plan=budget_plan)
 
     trainer = make_trainer(cfg)
     if cfg.train.epochs_from_budget and not resume:
-        # A resumed run keeps the epochs its first start chose: config.yaml records them.
-        cfg = _size_epochs_to_budget(cfg, trainer, out, log, dist)
+        # A resumed run keeps the epochs its first start chose (and re-planned): config.yaml records them.
+        cfg, plan = _size_epochs_to_budget(cfg, trainer, out, log, dist)
         if trainer.tensorboard is not None:
             trainer.tensorboard.close()
-        trainer = make_trainer(cfg)
+        trainer = make_trainer(cfg, plan)
     if resume:
         trainer.resume_from(out / "checkpoints" / "last.pt")
     outcome = trainer.fit()
@@ -442,24 +444,24 @@ def _write_bad_images(data: RunData, out: Path) -> None:
 
 
 def _size_epochs_to_budget(cfg: RunConfig, trainer: Trainer, out: Path, log: RunLog,
-                           dist: DistributedContext) -> RunConfig:
-    from resnetlab.engine.budget import fit_epochs_to_budget
-
+                           dist: DistributedContext) -> tuple[RunConfig, BudgetPlan]:
     fit = fit_epochs_to_budget(trainer, cfg.train.time_budget, cfg.train.epochs)
     if fit.epochs == cfg.train.epochs:
-        verdict = (f"the train.epochs cap of {fit.epochs}, about {fit.epochs * fit.seconds_per_epoch / 60:.1f} of the "
-                   f"{cfg.train.time_budget:g} minutes")
+        verdict = (f"the train.epochs cap of {fit.epochs}, about {sum(fit.plan.epoch_seconds(fit.epochs)) / 60:.1f} of "
+                   f"the {cfg.train.time_budget:g} minutes")
     else:
         verdict = f"{fit.epochs} epoch(s) fill the {cfg.train.time_budget:g}-minute budget"
     log(f"train.epochs_from_budget: {fit.steps_timed} timed steps with this run's pipeline took "
         f"{fit.seconds_per_step * 1000:.0f} ms each ({fit.images_per_second:.0f} images/s), so an epoch of "
-        f"{trainer.steps_per_epoch} steps takes about {fit.seconds_per_epoch:.1f} s: {verdict}")
+        f"{trainer.steps_per_epoch} steps takes about {fit.seconds_per_epoch:.1f} s"
+        + (f" at {cfg.data.input_size} px and {fit.small_step_seconds * trainer.steps_per_epoch:.1f} s at "
+           f"{fit.small_size} px (train.progressive)" if fit.small_size is not None else "") + f": {verdict}")
     # config.yaml says what ran: the epochs chosen, fixed, so that --resume and a rerun of it train the same schedule
     sized = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": fit.epochs,
                                                                          "epochs_from_budget": False})})
     if dist.is_main:
         write_text(out / "config.yaml", sized.to_yaml())
-    return sized
+    return sized, fit.plan
 
 
 def _write_run_info(out: Path, cfg: RunConfig, runtime, data: RunData, model, outcome, started: float,
