@@ -150,3 +150,20 @@ def test_a_run_timed_in_a_fast_moment_is_replanned_to_fewer_epochs(tiny_signs, t
     epochs = int(next(line for line in (out / "config.yaml").read_text().splitlines()
                       if line.strip().startswith("epochs:")).split(":")[1])
     assert epochs < 40 and len(metric_rows(out)) <= epochs
+
+
+def test_early_stopping_counts_its_patience_from_the_first_full_size_epoch(tiny_signs, tmp_path):
+    """Validation is at the full size, which the small epochs' model has not met yet: those epochs are no reason to
+    stop. A min_delta no epoch can reach would stop a run after its second epoch; here all four train at 16 px and
+    the run completes; another stops after its first full-size epoch, which does not improve."""
+    out = tmp_path / "patient"
+    stop = ["train.early_stopping_patience=1", "train.early_stopping_min_delta=0.5", "data.input_size=32",
+            "train.progressive.min_size=16", "train.progressive.multiple=16"]
+    assert main(run_args(tiny_signs, out) + ["--epochs", "4", *stop, "train.progressive.start=0.9",
+                                             "train.progressive.end=0.95"]) == 0
+    assert [int(row["train_input_size"]) for row in metric_rows(out)] == [16] * 4
+    full = tmp_path / "full-size"
+    assert main(run_args(tiny_signs, full) + ["--epochs", "6", *stop, "train.progressive.start=0.2",
+                                              "train.progressive.end=0.25"]) == 0
+    # epochs 1-2 at 16 px, then full size from epoch 3, which misses the impossible delta: patience spent
+    assert [int(row["train_input_size"]) for row in metric_rows(full)] == [16, 16, 32]

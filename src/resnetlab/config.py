@@ -137,7 +137,9 @@ class ProgressiveResizeConfig(_Section):
     training the model learns coarse shapes that need no fine detail; the last part trains and validates at
     ``data.input_size``, the size the model is evaluated and deployed at. Epoch ``e`` of ``E`` trains at
     ``min_size`` until ``start`` of the epochs have passed, then at sizes growing linearly to ``data.input_size``
-    at ``end``, rounded down to a multiple of ``multiple``."""
+    at ``end``, rounded down to a multiple of ``multiple``. Validation is always at ``data.input_size``, so the
+    validation top-1 of the small epochs is low (the model has not yet seen objects at that scale); early stopping
+    counts its patience from the first epoch at full size."""
 
     min_size: int | None = Field(None, ge=8, description="Side of the smallest training input in pixels; None: off")
     start: float = Field(0.0, ge=0, lt=1, description="Fraction of the epochs trained at min_size")

@@ -276,6 +276,10 @@ class Trainer:
                 self.epoch = epoch
                 val, ema_val = self._validate()
                 improved, use_ema = self._track_best(val, ema_val)
+                if input_size < self.cfg.data.input_size:
+                    # validation is at the full size, which a model trained smaller meets only later: early stopping
+                    # counts its epochs from the first trained at full size (train.progressive)
+                    self.bad_epochs = 0
                 row = {
                     "epoch": epoch, "lr": lr, "train_loss": train_result.loss,
                     "train_top1": train_result.top1, "train_top5": train_result.top5,
