@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--label", action="append", default=[], metavar="NAME=DIR", help="a labelled run folder")
     parser.add_argument("--out", type=Path, required=True, help="PNG to write")
     parser.add_argument("--target", type=float, action="append", help="horizontal target line(s); default 0.995")
+    parser.add_argument("--log-time", action="store_true", help="logarithmic time axis (runs of minutes and hours)")
     args = parser.parse_args()
 
     runs = [(run.name or str(run), run) for run in args.runs]
@@ -63,7 +64,7 @@ def main() -> None:
     curves = {}
     for label, run_dir in runs:
         curves.update(run_curves(label, run_dir))
-    out = time_to_accuracy(curves, args.out, targets=args.target or [0.995])
+    out = time_to_accuracy(curves, args.out, targets=args.target or [0.995], log_time=args.log_time)
     for name, curve in curves.items():
         top1 = np.asarray(curve["top1"], dtype=np.float64)
         print(f"{name}: {top1[-1]:.4f} after {curve['seconds'][-1] / 60:.1f} min (best {np.nanmax(top1):.4f})")

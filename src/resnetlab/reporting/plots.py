@@ -84,10 +84,11 @@ def training_curves(history: Mapping[str, Sequence[float]], out_path: Path, *, b
 
 
 def time_to_accuracy(curves: Mapping[str, Mapping[str, Sequence[float]]], out_path: Path, *,
-                     targets: Sequence[float] = ()) -> Path:
+                     targets: Sequence[float] = (), log_time: bool = False) -> Path:
     """Validation top-1 against cumulative training time, one line per curve (``{"label": {"seconds": [...],
     "top1": [...]}}``, optionally with a ``"style"`` dict of matplotlib line options), with horizontal lines at the
-    ``targets``: what a recipe reaches in how many minutes."""
+    ``targets``: what a recipe reaches in how many minutes. ``log_time`` draws the time axis logarithmic, for runs
+    of minutes beside runs of hours."""
     figure = Figure(figsize=(8, 5))
     axis = figure.subplots()
     best = [float(np.nanmax(_as_float_array(c["top1"]))) for c in curves.values() if len(c["top1"])]
@@ -103,7 +104,9 @@ def time_to_accuracy(curves: Mapping[str, Mapping[str, Sequence[float]]], out_pa
         # The interesting part of such a curve is its last points: zoom to them rather than to the first epochs.
         top = max(best)
         axis.set_ylim(max(0.0, min(min(best) - 0.05, top - 0.1)), min(1.0, top + 0.01))
-    axis.set_xlabel("training time (minutes)")
+    if log_time:
+        axis.set_xscale("log")
+    axis.set_xlabel("training time (minutes)" + (", log scale" if log_time else ""))
     axis.set_ylabel("validation top-1")
     axis.set_title("Time to accuracy")
     axis.grid(alpha=0.3)
