@@ -39,3 +39,5 @@ def test_recipe_runs_a_few_steps(name, tiny_signs, tmp_path):
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     assert metrics["num_classes"] == (len(cfg.data.classes) if cfg.data.classes else 11)
     assert (out / "report.html").is_file()
+    if cfg.train.keep == "last":  # the report says which epoch and which weights were kept, and why
+        assert "was kept (`train.keep=last`" in (out / "report.md").read_text()

@@ -146,6 +146,8 @@ def _history_column_kind(column: str) -> str:
         return "pct"
     if column == "lr":
         return "lr"
+    if column in ("epoch", "best", "train_input_size"):
+        return "int"
     return "float" if "loss" in column else "auto"
 
 
@@ -154,6 +156,8 @@ def _format_history_cell(value: float, kind: str) -> str:
         return ""
     if kind == "lr":
         return f"{value:.3g}"
+    if kind == "int":
+        return f"{value:.0f}"
     if kind == "auto":
         return f"{value:.1f}" if abs(value) >= 10 else f"{value:.4g}"
     return format_value(value, kind)
@@ -350,12 +354,22 @@ def _training(doc: Document, run: RunFiles, plots_dir: Path) -> None:
         values = history[monitor]
         kind = _history_column_kind(monitor)
         optimum = np.nanmin(values) if mode == "min" else np.nanmax(values)
-        text += (f" The checkpoint of epoch {best_epoch} was kept as best because it has the "
-                 f"{'lowest' if mode == 'min' else 'highest'} `{monitor}` "
-                 f"({_format_history_cell(values[row], kind)})")
+        keep_last = ((run.config or {}).get("train") or {}).get("keep") == "last"
+        ema_column = f"ema_{monitor}"
+        if keep_last and (run.run_info or {}).get("best_weights") == "ema" and ema_column in history:
+            text += (f" The last epoch ({best_epoch}) was kept (`train.keep=last`: the schedule anneals to the end), "
+                     f"its EMA weights, with `{ema_column}` {_format_history_cell(history[ema_column][row], kind)} "
+                     f"(raw weights {_format_history_cell(values[row], kind)})")
+        elif keep_last:
+            text += (f" The last epoch ({best_epoch}) was kept (`train.keep=last`: the schedule anneals to the end), "
+                     f"with `{monitor}` {_format_history_cell(values[row], kind)}")
+        else:
+            text += (f" The checkpoint of epoch {best_epoch} was kept as best because it has the "
+                     f"{'lowest' if mode == 'min' else 'highest'} `{monitor}` "
+                     f"({_format_history_cell(values[row], kind)})")
         if values[row] != optimum:
             text += f"; the optimum over all epochs was {_format_history_cell(optimum, kind)}"
-        text += f"; the last epoch reached {_format_history_cell(values[-1], kind)}."
+        text += "." if keep_last else f"; the last epoch reached {_format_history_cell(values[-1], kind)}."
     elif best_epoch is not None and monitor in history:
         text += (f" There was no validation split, so nothing was monitored and the last epoch ({best_epoch}) was "
                  "kept.")
