@@ -109,24 +109,26 @@ def test_a_progressive_run_trains_small_first_and_evaluates_at_the_input_size(ti
     assert predictions.count("\n") > 1  # the test split was evaluated at 32 px, the size the model keeps
 
 
-def fake_step_timing(epoch_seconds: float):
-    """time_training_steps as if an epoch took ``epoch_seconds`` on this machine."""
+def budgeted_run(tiny_signs: Path, out: Path, monkeypatch, *, timed_epoch_seconds: float, epochs: int,
+                 minutes: float) -> str:
+    """A run with its epochs sized to ``minutes``, whose timed steps said an epoch takes ``timed_epoch_seconds``
+    (whatever the epochs then really take); its train.log."""
 
     def timing(trainer, *, input_size=None, **_):
-        return epoch_seconds / trainer.steps_per_epoch, 12
+        return timed_epoch_seconds / trainer.steps_per_epoch, 12
 
-    return timing
+    monkeypatch.setattr("resnetlab.engine.budget.time_training_steps", timing)
+    assert main(run_args(tiny_signs, out) + ["--epochs", str(epochs), f"train.time_budget={minutes}",
+                                             "train.epochs_from_budget=true"]) == 0
+    return (out / "train.log").read_text()
 
 
 def test_a_run_timed_in_a_slow_moment_is_replanned_to_more_epochs(tiny_signs, tmp_path, monkeypatch):
     """The timed steps said 2.5 s per epoch, so a 6-second budget planned 2 epochs; the first epoch took far less
     (these epochs take well under a second here), so the run is re-planned to the cap of 6, and config.yaml and
     last.pt record the schedule that ran."""
-    monkeypatch.setattr("resnetlab.engine.budget.time_training_steps", fake_step_timing(2.5))
     out = tmp_path / "replanned"
-    assert main(run_args(tiny_signs, out) + ["--epochs", "6", "train.time_budget=0.1",
-                                             "train.epochs_from_budget=true"]) == 0
-    log = (out / "train.log").read_text()
+    log = budgeted_run(tiny_signs, out, monkeypatch, timed_epoch_seconds=2.5, epochs=6, minutes=0.1)
     assert "2 epoch(s) fill the 0.1-minute budget" in log and "6 epochs (not 2)" in log
     assert len(metric_rows(out)) == 6
     assert "epochs: 6\n" in (out / "config.yaml").read_text()
@@ -141,11 +143,8 @@ def test_a_run_timed_in_a_slow_moment_is_replanned_to_more_epochs(tiny_signs, tm
 def test_a_run_timed_in_a_fast_moment_is_replanned_to_fewer_epochs(tiny_signs, tmp_path, monkeypatch):
     """The timed steps said 1 ms per epoch: all 40 epochs of the cap seemed to fit 3 seconds. The first epoch showed
     the real speed, and the run was cut to what the rest of the budget holds."""
-    monkeypatch.setattr("resnetlab.engine.budget.time_training_steps", fake_step_timing(0.001))
     out = tmp_path / "shortened"
-    assert main(run_args(tiny_signs, out) + ["--epochs", "40", "train.time_budget=0.05",
-                                             "train.epochs_from_budget=true"]) == 0
-    log = (out / "train.log").read_text()
+    log = budgeted_run(tiny_signs, out, monkeypatch, timed_epoch_seconds=0.001, epochs=40, minutes=0.05)
     assert "the train.epochs cap of 40" in log and "(not 40)" in log
     epochs = int(next(line for line in (out / "config.yaml").read_text().splitlines()
                       if line.strip().startswith("epochs:")).split(":")[1])

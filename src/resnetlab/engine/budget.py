@@ -81,16 +81,22 @@ class BudgetPlan:
                 return epochs
         return max(1, done_epochs + 1)
 
+    def measured_speed(self, *, planned_epochs: int, done_epochs: int, done_seconds: float) -> float | None:
+        """The ratio of the seconds the first ``done_epochs`` epochs took to the seconds the cost model predicted
+        for them in a run of ``planned_epochs`` (None when nothing can be compared yet)."""
+        predicted = sum(self.epoch_seconds(planned_epochs)[:done_epochs])
+        return done_seconds / predicted if predicted > 0 and done_seconds > 0 else None
+
     def replan(self, *, planned_epochs: int, done_epochs: int, done_seconds: float) -> int:
         """The epoch count after ``done_epochs`` epochs took ``done_seconds``: ``planned_epochs`` unless the speed
         measured so far says that a count at least :data:`REPLAN_TOLERANCE` away (and at least one epoch) fills the
         budget; unchanged in the second half of the schedule."""
         if done_epochs >= planned_epochs or done_epochs * 2 > planned_epochs:
             return planned_epochs
-        predicted = sum(self.epoch_seconds(planned_epochs)[:done_epochs])
-        if predicted <= 0 or done_seconds <= 0:
+        speed = self.measured_speed(planned_epochs=planned_epochs, done_epochs=done_epochs, done_seconds=done_seconds)
+        if speed is None:
             return planned_epochs
-        epochs = self.fit(done_epochs=done_epochs, done_seconds=done_seconds, speed=done_seconds / predicted)
+        epochs = self.fit(done_epochs=done_epochs, done_seconds=done_seconds, speed=speed)
         if abs(epochs - planned_epochs) < max(1.0, REPLAN_TOLERANCE * planned_epochs):
             return planned_epochs
         return epochs
@@ -99,13 +105,12 @@ class BudgetPlan:
 @dataclass
 class BudgetFit:
     epochs: int
-    seconds_per_step: float
-    seconds_per_epoch: float
-    images_per_second: float
+    plan: BudgetPlan  # the step times measured (at the full size and, with progressive resizing, the smallest)
+    images_per_second: float  # at the full size
     steps_timed: int
-    plan: BudgetPlan
-    small_size: int | None = None  # progressive resizing: the smallest input size, also timed
-    small_step_seconds: float | None = None
+
+    def seconds_per_epoch(self, size: int) -> float:
+        return self.plan.step_seconds(size) * self.plan.steps_per_epoch
 
 
 def time_training_steps(trainer, *, input_size: int | None = None, warmup_steps: int = WARMUP_STEPS,
@@ -159,19 +164,17 @@ def fit_epochs_to_budget(trainer, budget_minutes: float, max_epochs: int) -> Bud
     full_size = cfg.data.input_size
     progressive = cfg.train.progressive
     seconds_per_step, timed = _mean_over_processes(trainer, time_training_steps(trainer))
-    small_size = small_seconds = None
+    small_seconds = None
     if progressive.min_size is not None and progressive.min_size < full_size:
-        small_size = progressive.min_size
-        small_seconds, _ = _mean_over_processes(trainer, time_training_steps(trainer, input_size=small_size))
+        small_seconds, _ = _mean_over_processes(trainer, time_training_steps(trainer, input_size=progressive.min_size))
     plan = BudgetPlan(budget_seconds=budget_minutes * 60, max_epochs=max_epochs,
                       steps_per_epoch=trainer.steps_per_epoch, full_size=full_size,
                       seconds_per_step=seconds_per_step, progressive=progressive, small_step_seconds=small_seconds)
     epochs = plan.fit() if seconds_per_step > 0 else max_epochs
     batch = cfg.data.batch_size  # the global batch (per process x processes)
-    return BudgetFit(epochs=epochs, seconds_per_step=seconds_per_step,
-                     seconds_per_epoch=seconds_per_step * trainer.steps_per_epoch,
+    return BudgetFit(epochs=epochs, plan=plan,
                      images_per_second=batch / seconds_per_step if seconds_per_step > 0 else float("inf"),
-                     steps_timed=timed, plan=plan, small_size=small_size, small_step_seconds=small_seconds)
+                     steps_timed=timed)
 
 
 def _mean_over_processes(trainer, timing: tuple[float, int]) -> tuple[float, int]:

@@ -461,9 +461,8 @@ class Trainer:
         self.schedule.load_state_dict(position)
         for group, values in zip(self.base_optimizer.param_groups, current):
             group.update(values)
-        plan = self.budget_plan
-        self.log(f"train.epochs_from_budget: {self.epoch} epoch(s) took {seconds:.1f}s of training, "
-                 f"{seconds / max(sum(plan.epoch_seconds(planned)[:self.epoch]), 1e-9):.2f}x the "
+        speed = self.budget_plan.measured_speed(planned_epochs=planned, done_epochs=self.epoch, done_seconds=seconds)
+        self.log(f"train.epochs_from_budget: {self.epoch} epoch(s) took {seconds:.1f}s of training, {speed:.2f}x the "
                  f"timed steps' estimate; {epochs} epochs (not {planned}) fill the {self.cfg.train.time_budget:g}-"
                  "minute budget")
         if self.is_main:

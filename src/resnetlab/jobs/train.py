@@ -312,7 +312,7 @@ def _train(cfg: RunConfig, out: Path, log: RunLog, dist: DistributedContext, inp
         write_split_manifest(data.plan, data.source.class_names, out / "splits.csv")
         _write_bad_images(data, out)
 
-    def make_trainer(run_cfg: RunConfig, budget_plan=None) -> Trainer:
+    def make_trainer(run_cfg: RunConfig, budget_plan: BudgetPlan | None = None) -> Trainer:
         return Trainer(run_cfg, data, model, runtime, out, log, model_kwargs=model_kwargs_of(run_cfg),
                        is_main=dist.is_main, ddp_model=net if net is not model else None, dist=dist,
                        on_epoch_end=on_epoch_end, meta_extra=inputs.init.meta_extra() if inputs.init else None,
@@ -451,11 +451,13 @@ def _size_epochs_to_budget(cfg: RunConfig, trainer: Trainer, out: Path, log: Run
                    f"the {cfg.train.time_budget:g} minutes")
     else:
         verdict = f"{fit.epochs} epoch(s) fill the {cfg.train.time_budget:g}-minute budget"
+    full, small = cfg.data.input_size, cfg.train.progressive.min_size
+    epoch_time = f"{fit.seconds_per_epoch(full):.1f} s"
+    if fit.plan.small_step_seconds is not None:
+        epoch_time += f" at {full} px and {fit.seconds_per_epoch(small):.1f} s at {small} px (train.progressive)"
     log(f"train.epochs_from_budget: {fit.steps_timed} timed steps with this run's pipeline took "
-        f"{fit.seconds_per_step * 1000:.0f} ms each ({fit.images_per_second:.0f} images/s), so an epoch of "
-        f"{trainer.steps_per_epoch} steps takes about {fit.seconds_per_epoch:.1f} s"
-        + (f" at {cfg.data.input_size} px and {fit.small_step_seconds * trainer.steps_per_epoch:.1f} s at "
-           f"{fit.small_size} px (train.progressive)" if fit.small_size is not None else "") + f": {verdict}")
+        f"{fit.plan.seconds_per_step * 1000:.0f} ms each ({fit.images_per_second:.0f} images/s), so an epoch of "
+        f"{trainer.steps_per_epoch} steps takes about {epoch_time}: {verdict}")
     # config.yaml says what ran: the epochs chosen, fixed, so that --resume and a rerun of it train the same schedule
     sized = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": fit.epochs,
                                                                          "epochs_from_budget": False})})

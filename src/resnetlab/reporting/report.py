@@ -355,14 +355,14 @@ def _training(doc: Document, run: RunFiles, plots_dir: Path) -> None:
         kind = _history_column_kind(monitor)
         optimum = np.nanmin(values) if mode == "min" else np.nanmax(values)
         keep_last = ((run.config or {}).get("train") or {}).get("keep") == "last"
-        ema_column = f"ema_{monitor}"
-        if keep_last and (run.run_info or {}).get("best_weights") == "ema" and ema_column in history:
-            text += (f" The last epoch ({best_epoch}) was kept (`train.keep=last`: the schedule anneals to the end), "
-                     f"its EMA weights, with `{ema_column}` {_format_history_cell(history[ema_column][row], kind)} "
-                     f"(raw weights {_format_history_cell(values[row], kind)})")
-        elif keep_last:
-            text += (f" The last epoch ({best_epoch}) was kept (`train.keep=last`: the schedule anneals to the end), "
-                     f"with `{monitor}` {_format_history_cell(values[row], kind)}")
+        if keep_last:
+            ema_column = f"ema_{monitor}"
+            text += f" The last epoch ({best_epoch}) was kept (`train.keep=last`: the schedule anneals to the end), "
+            if (run.run_info or {}).get("best_weights") == "ema" and ema_column in history:
+                text += (f"its EMA weights, with `{ema_column}` {_format_history_cell(history[ema_column][row], kind)} "
+                         f"(raw weights {_format_history_cell(values[row], kind)})")
+            else:
+                text += f"with `{monitor}` {_format_history_cell(values[row], kind)}"
         else:
             text += (f" The checkpoint of epoch {best_epoch} was kept as best because it has the "
                      f"{'lowest' if mode == 'min' else 'highest'} `{monitor}` "
