@@ -158,12 +158,16 @@ def imbalanced(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("in_memory", ["always", "never"])
-def test_weighted_sampler_balances_the_batches(imbalanced, in_memory):
-    cfg = _cfg(f"folder:{imbalanced}", "data.sampler=weighted", f"data.in_memory={in_memory}", "data.num_workers=0",
+@pytest.mark.parametrize(("sampler", "in_memory"), [("weighted", "always"), ("weighted", "never"),
+                                                     ("sqrt", "always"), ("sqrt", "never")])
+def test_weighted_samplers_rebalance_the_batches(imbalanced, sampler, in_memory):
+    cfg = _cfg(f"folder:{imbalanced}", f"data.sampler={sampler}", f"data.in_memory={in_memory}", "data.num_workers=0",
                "data.batch_size=8", "data.val_fraction=0.1", "data.test_fraction=0.1", "augment.preset=none")
     data = build_run_data(cfg, log=lambda m: None)
-    assert data.train_counts.tolist()[0] > 5 * data.train_counts.tolist()[1]
+    common, rare = data.train_counts.tolist()
+    assert common > 5 * rare
+    # weighted: every class equally often; sqrt: in proportion to the square root of its count
+    expected = 0.5 if sampler == "weighted" else rare ** 0.5 / (common ** 0.5 + rare ** 0.5)
     torch.manual_seed(0)
     seen = []
     for epoch in range(1, 11):
@@ -172,7 +176,8 @@ def test_weighted_sampler_balances_the_batches(imbalanced, in_memory):
         seen += [labels for _, labels in data.train]
     seen = torch.cat(seen)
     share_rare = (seen == 1).float().mean().item()
-    assert 0.35 < share_rare < 0.65  # about half, against about 1/9 without the sampler
+    assert abs(share_rare - expected) < 0.12, (share_rare, expected)  # against rare / (common + rare) without
+    assert share_rare > 1.5 * rare / (common + rare)
 
 
 def test_balanced_class_weights_build_from_train_counts(imbalanced):

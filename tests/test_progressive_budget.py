@@ -83,6 +83,17 @@ def test_replanning_follows_the_speed_the_epochs_ran_at_in_the_first_half_only()
     assert short.fit() == 7 and short.replan(planned_epochs=7, done_epochs=1, done_seconds=1.2) == 6
 
 
+def test_a_plan_in_force_is_kept_while_it_fits_the_whole_budget():
+    six = plan(seconds_per_step=1.5)  # epochs of 15 s: 6 fill 97 of the 100 s
+    assert six.fit() == 6
+    # 2 epochs in 32.4 s: the 4 left are predicted at 64.8 s, over a new plan's 97% margin (64.6 s) but inside the
+    # budget (67.6 s left): the 6 epochs stand, where a plan made afresh at that speed would choose 5
+    assert six.fit(done_epochs=2, done_seconds=32.4, speed=32.4 / 30) == 5
+    assert six.replan(planned_epochs=6, done_epochs=2, done_seconds=32.4) == 6
+    # 2 epochs in 34 s: 68 s predicted for the 66 s left, over the budget itself: 5 epochs
+    assert six.replan(planned_epochs=6, done_epochs=2, done_seconds=34.0) == 5
+
+
 @pytest.fixture(autouse=True)
 def skip_report(monkeypatch):
     """The HTML/Markdown report (tested in test_cli_end_to_end) takes longer than these tiny trainings."""

@@ -59,7 +59,11 @@ class DataConfig(_Section):
         "auto", description="Decode the dataset once into a uint8 tensor (auto: when input_size <= 64)"
     )
     num_workers: int | None = Field(None, ge=0, description="DataLoader workers for large images (None: auto)")
-    sampler: Literal["random", "weighted"] = "random"
+    sampler: Literal["random", "weighted", "sqrt"] = Field(
+        "random", description="Training draw: random (each image once per epoch); weighted (classes equally often, "
+        "with replacement); sqrt (a class as often as the square root of its count: rare classes more often "
+        "without starving the common ones)"
+    )
     on_bad_image: Literal["error", "skip"] = "error"
     cifar100_labels: Literal["fine", "coarse"] = Field(
         "fine", description="cifar100:PATH: the 100 fine classes or the 20 coarse superclasses"

@@ -120,8 +120,11 @@ def build_run_data(cfg: RunConfig, *, rank: int = 0, world_size: int = 1, pin_me
         raise DataError(f"class(es) {empty} have no training images after splitting; add images or drop the class "
                         "with data.classes")
     weights = None
-    if cfg.data.sampler == "weighted":
-        weights = torch.as_tensor(1.0 / train_counts[plan.train.labels], dtype=torch.double)
+    if cfg.data.sampler != "random":
+        # a class's share of the draw is its count times its images' weight: 1/n_c makes the shares equal,
+        # 1/sqrt(n_c) makes them proportional to sqrt(n_c)
+        per_class = 1.0 / train_counts if cfg.data.sampler == "weighted" else 1.0 / np.sqrt(train_counts)
+        weights = torch.as_tensor(per_class[plan.train.labels], dtype=torch.double)
 
     workers = None if in_memory else (cfg.data.num_workers if cfg.data.num_workers is not None else auto_workers())
     train = training_batches(cfg, splits["train"], prep, policy, mirror, sample_weights=weights, rank=rank,

@@ -99,6 +99,12 @@ class BudgetPlan:
         epochs = self.fit(done_epochs=done_epochs, done_seconds=done_seconds, speed=speed)
         if abs(epochs - planned_epochs) < max(1.0, REPLAN_TOLERANCE * planned_epochs):
             return planned_epochs
+        # The plan in force stands while it is predicted to fit the whole budget: the BUDGET_FILL margin is asked of
+        # a new plan only, so that a run whose speed sits at the boundary between two counts does not swing between
+        # them (6, then 5 again: the lost epoch is a sixth of a 5-minute run's budget left unused).
+        if epochs < planned_epochs and speed * sum(self.epoch_seconds(planned_epochs)[done_epochs:]) <= (
+                self.budget_seconds - done_seconds):
+            return planned_epochs
         return epochs
 
 
