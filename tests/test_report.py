@@ -22,6 +22,9 @@ from resnetlab.evaluation.gradcam import save_gradcam_npz
 from resnetlab.evaluation.metrics import evaluate_predictions
 from resnetlab.reporting import compare_runs, render_report
 from resnetlab.reporting import plots
+from resnetlab.reporting.document import Document
+from resnetlab.reporting.report import _training
+from resnetlab.reporting.runfiles import RunFiles
 
 torch.set_num_threads(1)
 
@@ -310,3 +313,25 @@ def test_time_to_accuracy_accumulates_training_seconds():
     assert list(curves) == ["validation top-1"]  # an EMA column without values draws no line
     assert curves["validation top-1"]["seconds"].tolist() == [10.0, 22.0, 33.0]
     assert time_to_accuracy_curves({"epoch": np.array([1]), "val_top1": np.array([0.5])}) == {}
+
+
+def _training_text(tmp_path, *, best_weights: str, keep: str) -> str:
+    history = {"epoch": np.array([1.0, 2.0, 3.0]), "val_top1": np.array([0.90, 0.95, 0.93]),
+               "ema_val_top1": np.array([0.91, 0.96, 0.97]), "epoch_seconds": np.array([10.0, 10.0, 10.0])}
+    run = RunFiles(root=tmp_path, eval_dir=None, config={"train": {"keep": keep}}, history=history,
+                   run_info={"best_epoch": 3, "best_weights": best_weights, "monitor": "val_top1"})
+    doc = Document(title="t")
+    _training(doc, run, tmp_path)
+    return " ".join(getattr(block, "text", "") for block in doc.blocks)
+
+
+def test_training_section_names_the_weights_that_were_kept(tmp_path):
+    # EMA weights kept as best: their figure is the one quoted, and the optimum is over raw and EMA weights
+    text = _training_text(tmp_path, best_weights="ema", keep="best")
+    assert "epoch 3 was kept as best: its EMA weights have the highest `val_top1`" in text
+    assert "(97.00%; raw weights 93.00%)" in text and "optimum" not in text
+    # raw weights kept: the raw figure, and the raw epoch 2 was higher
+    text = _training_text(tmp_path, best_weights="raw", keep="best")
+    assert "because it has the highest `val_top1` (93.00%)" in text and "optimum over all epochs was 95.00%" in text
+    text = _training_text(tmp_path, best_weights="ema", keep="last")
+    assert "its EMA weights, with `ema_val_top1` 97.00%" in text
