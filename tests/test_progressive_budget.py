@@ -177,3 +177,21 @@ def test_early_stopping_counts_its_patience_from_the_first_full_size_epoch(tiny_
                                               "train.progressive.end=0.25"]) == 0
     # epochs 1-2 at 16 px, then full size from epoch 3, which misses the impossible delta: patience spent
     assert [int(row["train_input_size"]) for row in metric_rows(full)] == [16, 16, 32]
+
+
+def test_the_plateau_schedule_sees_only_full_size_epochs(tiny_signs, tmp_path, monkeypatch):
+    """The small epochs' validation (at a size the model has not trained at) would look like a plateau or a fall and
+    halve the learning rate before the model reached full size."""
+    from resnetlab.engine.schedule import Schedule
+
+    seen = []
+    step_epoch = Schedule.step_epoch
+    monkeypatch.setattr(Schedule, "step_epoch", lambda self, metric: (seen.append(metric), step_epoch(self, metric)))
+    out = tmp_path / "plateau"
+    assert main(run_args(tiny_signs, out) + ["--epochs", "4", "schedule.name=plateau", "schedule.plateau_patience=0",
+                                             "data.input_size=32", "train.progressive.min_size=16",
+                                             "train.progressive.multiple=16", "train.progressive.start=0.5",
+                                             "train.progressive.end=0.55"]) == 0
+    sizes = [int(row["train_input_size"]) for row in metric_rows(out)]
+    assert 16 in sizes and 32 in sizes
+    assert [metric is None for metric in seen] == [size < 32 for size in sizes]

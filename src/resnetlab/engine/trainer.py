@@ -276,9 +276,11 @@ class Trainer:
                 self.epoch = epoch
                 val, ema_val = self._validate()
                 improved, use_ema = self._track_best(val, ema_val)
-                if input_size < self.cfg.data.input_size:
+                full_size = input_size >= self.cfg.data.input_size
+                if not full_size:
                     # validation is at the full size, which a model trained smaller meets only later: early stopping
-                    # counts its epochs from the first trained at full size (train.progressive)
+                    # and the plateau schedule count their epochs from the first trained at full size
+                    # (train.progressive)
                     self.bad_epochs = 0
                 row = {
                     "epoch": epoch, "lr": lr, "train_loss": train_result.loss,
@@ -291,7 +293,7 @@ class Trainer:
                     "best": int(improved), "train_input_size": input_size,
                 }
                 history.append(row)
-                self.schedule.step_epoch(self._monitored(val) if val else None)
+                self.schedule.step_epoch(self._monitored(val) if val and full_size else None)
                 if self.budget_plan is not None and not out_of_time:
                     self._replan()  # before the checkpoint, which records the schedule and the epochs
                 if self.is_main:
