@@ -14,6 +14,7 @@ from resnetlab.cli.main import main
 from resnetlab.config import ProgressiveResizeConfig, build_config
 from resnetlab.engine.budget import BUDGET_FILL, BudgetPlan
 from resnetlab.engine.progressive import epoch_input_size, epoch_input_sizes, resize_batch
+from resnetlab.engine.schedule import Schedule
 from resnetlab.errors import ConfigError
 
 
@@ -182,8 +183,6 @@ def test_early_stopping_counts_its_patience_from_the_first_full_size_epoch(tiny_
 def test_the_plateau_schedule_sees_only_full_size_epochs(tiny_signs, tmp_path, monkeypatch):
     """The small epochs' validation (at a size the model has not trained at) would look like a plateau or a fall and
     halve the learning rate before the model reached full size."""
-    from resnetlab.engine.schedule import Schedule
-
     seen = []
     step_epoch = Schedule.step_epoch
     monkeypatch.setattr(Schedule, "step_epoch", lambda self, metric: (seen.append(metric), step_epoch(self, metric)))

@@ -77,9 +77,14 @@ class BudgetPlan:
         """
         room = self.budget_seconds * BUDGET_FILL - done_seconds
         for epochs in range(self.max_epochs, done_epochs, -1):
-            if speed * sum(self.epoch_seconds(epochs)[done_epochs:]) <= room:
+            if self.remaining_seconds(epochs, done_epochs=done_epochs, speed=speed) <= room:
                 return epochs
         return max(1, done_epochs + 1)
+
+    def remaining_seconds(self, epochs: int, *, done_epochs: int, speed: float) -> float:
+        """The predicted training seconds of the epochs after ``done_epochs`` in a run of ``epochs``, at ``speed``
+        times the cost model."""
+        return speed * sum(self.epoch_seconds(epochs)[done_epochs:])
 
     def measured_speed(self, *, planned_epochs: int, done_epochs: int, done_seconds: float) -> float | None:
         """The ratio of the seconds the first ``done_epochs`` epochs took to the seconds the cost model predicted
@@ -102,8 +107,8 @@ class BudgetPlan:
         # The plan in force stands while it is predicted to fit the whole budget: the BUDGET_FILL margin is asked of
         # a new plan only, so that a run whose speed sits at the boundary between two counts does not swing between
         # them (6, then 5 again: the lost epoch is a sixth of a 5-minute run's budget left unused).
-        if epochs < planned_epochs and speed * sum(self.epoch_seconds(planned_epochs)[done_epochs:]) <= (
-                self.budget_seconds - done_seconds):
+        remaining = self.remaining_seconds(planned_epochs, done_epochs=done_epochs, speed=speed)
+        if epochs < planned_epochs and remaining <= self.budget_seconds - done_seconds:
             return planned_epochs
         return epochs
 

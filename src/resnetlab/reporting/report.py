@@ -353,7 +353,8 @@ def _training(doc: Document, run: RunFiles, plots_dir: Path) -> None:
         mode = monitor_mode(monitor, run.run_info)
         values = history[monitor]
         kind = _history_column_kind(monitor)
-        optimum = np.nanmin(values) if mode == "min" else np.nanmax(values)
+        best_of, superlative = (np.nanmin, "lowest") if mode == "min" else (np.nanmax, "highest")
+        optimum = best_of(values)
         keep_last = ((run.config or {}).get("train") or {}).get("keep") == "last"
         ema_column = f"ema_{monitor}"
         ema_kept = (run.run_info or {}).get("best_weights") == "ema" and ema_column in history
@@ -367,17 +368,14 @@ def _training(doc: Document, run: RunFiles, plots_dir: Path) -> None:
                 text += f"with `{monitor}` {_format_history_cell(values[row], kind)}"
         elif ema_kept:
             # each epoch's candidate was the better of its raw and EMA weights (train.ema_keep_best)
-            candidates = (np.fmin if mode == "min" else np.fmax)(values, history[ema_column])
-            optimum = np.nanmin(candidates) if mode == "min" else np.nanmax(candidates)
+            optimum = best_of(np.stack([values, history[ema_column]]))
             kept = history[ema_column][row]
             text += (f" The checkpoint of epoch {best_epoch} was kept as best: its EMA weights have the "
-                     f"{'lowest' if mode == 'min' else 'highest'} `{monitor}` of the raw and EMA weights of all "
-                     f"epochs ({_format_history_cell(kept, kind)}; raw weights "
-                     f"{_format_history_cell(values[row], kind)})")
+                     f"{superlative} `{monitor}` of the raw and EMA weights of all epochs "
+                     f"({_format_history_cell(kept, kind)}; raw weights {_format_history_cell(values[row], kind)})")
         else:
-            text += (f" The checkpoint of epoch {best_epoch} was kept as best because it has the "
-                     f"{'lowest' if mode == 'min' else 'highest'} `{monitor}` "
-                     f"({_format_history_cell(values[row], kind)})")
+            text += (f" The checkpoint of epoch {best_epoch} was kept as best because it has the {superlative} "
+                     f"`{monitor}` ({_format_history_cell(values[row], kind)})")
         if kept != optimum:
             text += f"; the optimum over all epochs was {_format_history_cell(optimum, kind)}"
         text += "." if keep_last else f"; the last epoch reached {_format_history_cell(values[-1], kind)}."
