@@ -20,12 +20,14 @@ from PIL import Image
 
 from resnetlab.checkpoint import load_checkpoint, model_from_checkpoint, store_calibration
 from resnetlab.cli.main import main
+from resnetlab.config import RunConfig
 from resnetlab.deployment.export import export_checkpoint
 from resnetlab.deployment.export_cache import export_cache_dir
 from resnetlab.deployment.predictor import AnswerOptions, load_predictor
 from resnetlab.deployment.records import RECORD_FILE, read_export_record, record_from_meta
 from resnetlab.errors import CheckpointError, ConfigError
 from resnetlab.evaluation.selective import choose_operating_point, fit_calibration
+from resnetlab.jobs.calibrate import operating_rule
 
 PARITY = 1e-4
 CLASSES = ("stop", "yield", "priority", "no entry")
@@ -179,6 +181,13 @@ def test_answer_options_refuse_what_cannot_mean_anything(plain_checkpoint):
         AnswerOptions(coverage=1.5)
     with pytest.raises(ConfigError, match=r"--threshold -0.1"):
         AnswerOptions(threshold=-0.1)
+    # the same range check, in the same words, for calibrate's rule and for a curve asked directly
+    with pytest.raises(ConfigError, match=r"--max-error 1.0: give the error rate allowed among accepted answers"):
+        AnswerOptions(max_error=1.0)
+    with pytest.raises(ConfigError, match=r"--max-error 1.0: give the error rate allowed among accepted answers"):
+        operating_rule(None, RunConfig(), coverage=None, max_error=1.0)
+    with pytest.raises(ConfigError, match=r"--coverage 0: give the fraction of in-domain images to accept"):
+        choose_operating_point({"threshold": [0.9], "coverage": [1.0], "error": [0.0]}, coverage=0)
     # choosing from a validation curve the model does not have: one line naming the model and what to run
     with pytest.raises(ConfigError, match=r"--max-error with '.*model.pt'.*resnetlab calibrate"):
         load_predictor(plain_checkpoint, backend="torch", answers=AnswerOptions(max_error=0.1))

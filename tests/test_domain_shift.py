@@ -252,6 +252,23 @@ def test_reference_option_picks_the_in_domain_evaluation(three_evaluations, tmp_
         compare_runs([clean, other], tmp_path / "cmp4", reference="other")
 
 
+def test_the_api_comparison_reads_the_domain_shift_and_per_class_files(three_evaluations, tmp_path):
+    import resnetlab as rl
+
+    clean, shifted, other = three_evaluations
+    comparison = rl.compare([clean, shifted, other], out=tmp_path / "cmp", reference="clean")
+    [result] = comparison.domain_shift
+    assert (result["reference"], result["shifted"]) == ("clean", "shift")
+    assert result["ood"]["auroc_max_probability"] == pytest.approx(
+        domain_shift(load_run(clean), load_run(shifted), "clean", "shift")["ood"]["auroc_max_probability"])
+    assert {row["class"] for row in comparison.domain_shift_per_class} == set(CLASSES)
+    assert all(isinstance(row["drop"], float) for row in comparison.domain_shift_per_class)
+    assert [row["class"] for row in comparison.per_class] == [row["class"] for row in
+                                                                _read_csv(tmp_path / "cmp" / "per_class_delta.csv")]
+    # Folders of different checkpoints: no shift to measure, and the property says so with an empty list.
+    assert rl.compare([clean, other], out=tmp_path / "cmp2").domain_shift == []
+
+
 def test_no_domain_section_without_a_shared_checkpoint_or_on_the_same_images(three_evaluations, tmp_path):
     clean, _, other = three_evaluations
     markdown = compare_runs([clean, other], tmp_path / "cmp").read_text()

@@ -164,12 +164,41 @@ class Run(ResultFolder):
 
 @dataclass(repr=False)
 class Comparison(ResultFolder):
-    """A comparison folder (``rl.compare``): ``compare.csv`` and the report."""
+    """A comparison folder (``rl.compare``): ``compare.csv``, the per-class deltas, any domain shift, the report."""
 
     @property
     def table(self) -> list[dict[str, Any]]:
         """``compare.csv``: one dict per metric, with a column per run and a delta column per non-baseline run."""
         return typed_rows(self.dir / "compare.csv")
+
+    @property
+    def table_df(self) -> pandas.DataFrame:
+        return data_frame(self.table)
+
+    @property
+    def per_class(self) -> list[dict[str, Any]]:
+        """``per_class_delta.csv``: one dict per class with each run's per-class figures and support, and the deltas of
+        each non-baseline run."""
+        return typed_rows(self.dir / "per_class_delta.csv")
+
+    @property
+    def per_class_df(self) -> pandas.DataFrame:
+        return data_frame(self.per_class)
+
+    @property
+    def domain_shift(self) -> list[dict[str, Any]]:
+        """``domain_shift.json``: one dict per (reference, shifted) pair of evaluations of one checkpoint (accuracy
+        drop, calibration, coverage at the operating point, out-of-distribution AUROC); [] when none was compared."""
+        return _read_json_if(self.dir / "domain_shift.json").get("domain_shift", [])
+
+    @property
+    def domain_shift_per_class(self) -> list[dict[str, Any]]:
+        """``domain_shift_per_class.csv``: each class's reference and shifted accuracy and the drop, per pair."""
+        return typed_rows(self.dir / "domain_shift_per_class.csv")
+
+    @property
+    def domain_shift_per_class_df(self) -> pandas.DataFrame:
+        return data_frame(self.domain_shift_per_class)
 
     @property
     def report_path(self) -> Path:

@@ -51,7 +51,12 @@ from resnetlab.deployment.records import (
     record_from_meta,
 )
 from resnetlab.errors import CheckpointError, ConfigError, DataError, ExportError
-from resnetlab.evaluation.selective import ACCEPT_ALL, OperatingPoint, operating_point_from_record
+from resnetlab.evaluation.selective import (
+    ACCEPT_ALL,
+    OperatingPoint,
+    check_operating_rule,
+    operating_point_from_record,
+)
 
 BACKEND_CHOICES = ("auto", "torch", "onnxruntime", "torchscript", "aoti")
 PRECISIONS = ("auto", "float32", "bf16")
@@ -85,11 +90,7 @@ class AnswerOptions:
             chosen.append("--accept-all")
         if len(chosen) > 1:
             raise ConfigError(f"{' and '.join(chosen)}: give at most one way to choose the operating point")
-        if self.coverage is not None and not 0 < self.coverage <= 1:
-            raise ConfigError(f"--coverage {self.coverage}: give the fraction of in-domain images to keep, in (0, 1]")
-        if self.max_error is not None and not 0 <= self.max_error < 1:
-            raise ConfigError(f"--max-error {self.max_error}: give the error allowed among accepted answers, in "
-                              "[0, 1)")
+        check_operating_rule(self.coverage, self.max_error)
         if self.threshold is not None and not 0 <= self.threshold <= 1:
             raise ConfigError(f"--threshold {self.threshold}: give a confidence in [0, 1]")
         if self.raw and (self.coverage is not None or self.max_error is not None):

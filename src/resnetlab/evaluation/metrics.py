@@ -40,7 +40,13 @@ from resnetlab.evaluation.calibration import (
     reliability_bins,
     temperature_scaling,
 )
-from resnetlab.evaluation.selective import ACCEPT_ALL, OperatingPoint, energy_score, risk_coverage_curve
+from resnetlab.evaluation.selective import (
+    ACCEPT_ALL,
+    OperatingPoint,
+    calibrated_probabilities,
+    energy_score,
+    risk_coverage_curve,
+)
 from resnetlab.utils.io import write_csv, write_csv_rows, write_json
 
 #: Fractions of least-confident predictions rejected for the ``error_at_reject_*`` metrics.
@@ -303,7 +309,7 @@ def evaluate_predictions(
         val_targets = _to_numpy(val_targets, np.int64).reshape(-1)
         scaling = temperature_scaling(val_logits, val_targets, logits, targets, n_bins)
         metrics.update(scaling.as_metrics())
-        calibrated_confidences = _softmax_and_log_softmax(logits, scaling.temperature)[0].max(axis=1)
+        calibrated_confidences = calibrated_probabilities(logits, scaling.temperature).max(axis=1)
 
     per_class = []
     for row, label in enumerate(evaluated):

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from resnetlab.errors import ConfigError
 from resnetlab.evaluation.calibration import expected_calibration_error, fit_temperature
 
 DEFAULT_COVERAGE = 0.99
@@ -127,6 +128,15 @@ class OperatingPoint:
 ACCEPT_ALL = OperatingPoint(rule="accept_all", target=0.0, threshold=0.0, coverage=1.0, error=None)
 
 
+def check_operating_rule(coverage: float | None, max_error: float | None) -> None:
+    """One ConfigError naming the flag for a rule out of range, whichever command or call gave it (calibrate,
+    predict, serve, the API)."""
+    if coverage is not None and not 0 < coverage <= 1:
+        raise ConfigError(f"--coverage {coverage}: give the fraction of in-domain images to accept, in (0, 1]")
+    if max_error is not None and not 0 <= max_error < 1:
+        raise ConfigError(f"--max-error {max_error}: give the error rate allowed among accepted answers, in [0, 1)")
+
+
 def choose_operating_point(curve: dict[str, Any], *, coverage: float | None = None,
                            max_error: float | None = None) -> OperatingPoint:
     """The threshold that meets one rule on a validation risk-coverage ``curve`` (thinned or full).
@@ -142,16 +152,13 @@ def choose_operating_point(curve: dict[str, Any], *, coverage: float | None = No
     errors = np.asarray(curve["error"] if "error" in curve else curve["risk"], dtype=np.float64)
     if len(thresholds) == 0:
         raise ValueError("the risk-coverage curve is empty")
+    check_operating_rule(coverage, max_error)
     if coverage is not None:
-        if not 0 < coverage <= 1:
-            raise ValueError(f"coverage must be in (0, 1], got {coverage}")
         # points are ordered by falling threshold, rising coverage: the first that keeps enough is the highest one
         index = int(np.searchsorted(coverages, coverage - 1e-12, side="left"))
         index = min(index, len(coverages) - 1)
         return OperatingPoint("coverage", float(coverage), float(thresholds[index]), float(coverages[index]),
                               float(errors[index]))
-    if not 0 <= max_error < 1:
-        raise ValueError(f"max_error must be in [0, 1), got {max_error}")
     meeting = np.flatnonzero(errors <= max_error + 1e-12)
     index = int(meeting[-1]) if len(meeting) else 0
     return OperatingPoint("max_error", float(max_error), float(thresholds[index]), float(coverages[index]),

@@ -29,7 +29,7 @@ from resnetlab.checkpoint import (
 from resnetlab.config import RunConfig
 from resnetlab.engine.runtime import resolve_runtime
 from resnetlab.errors import ConfigError
-from resnetlab.evaluation.selective import fit_calibration
+from resnetlab.evaluation.selective import check_operating_rule, fit_calibration
 from resnetlab.jobs.evaluate import collect_logits, evaluation_data_config, evaluation_table, readable_batches
 
 _logger = logging.getLogger(__name__)
@@ -46,13 +46,10 @@ def operating_rule(calibration: dict | None, saved: RunConfig, *, coverage: floa
     else the rule of the stored operating point, else the run's ``eval.max_error``/``eval.coverage``."""
     if coverage is not None and max_error is not None:
         raise ConfigError("--coverage and --max-error each choose the operating point: pass one of them")
+    check_operating_rule(coverage, max_error)
     if coverage is not None:
-        if not 0 < coverage <= 1:
-            raise ConfigError(f"--coverage {coverage}: a fraction of validation images to accept, in (0, 1]")
         return coverage, None, "--coverage"
     if max_error is not None:
-        if not 0 <= max_error < 1:
-            raise ConfigError(f"--max-error {max_error}: an error rate among accepted images, in [0, 1)")
         return None, max_error, "--max-error"
     stored = (calibration or {}).get("operating_point") or {}
     if stored.get("rule") == "coverage":
