@@ -147,12 +147,12 @@ def choose_operating_point(curve: dict[str, Any], *, coverage: float | None = No
     """
     if (coverage is None) == (max_error is None):
         raise ValueError("choose an operating point by exactly one of coverage and max_error")
+    check_operating_rule(coverage, max_error)
     thresholds = np.asarray(curve["threshold"] if "threshold" in curve else curve["confidence"], dtype=np.float64)
     coverages = np.asarray(curve["coverage"], dtype=np.float64)
     errors = np.asarray(curve["error"] if "error" in curve else curve["risk"], dtype=np.float64)
     if len(thresholds) == 0:
         raise ValueError("the risk-coverage curve is empty")
-    check_operating_rule(coverage, max_error)
     if coverage is not None:
         # points are ordered by falling threshold, rising coverage: the first that keeps enough is the highest one
         index = int(np.searchsorted(coverages, coverage - 1e-12, side="left"))
